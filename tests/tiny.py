@@ -1,0 +1,74 @@
+"""Tiny random models and a byte-level tokenizer with a ChatML template, built from configs.
+
+Tests need real transformers models of each family (Llama, Qwen2, Mistral) with no download: these are
+small enough to train for a few steps on a CPU in seconds.
+"""
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer():
+    """Byte-level tokenizer: 256 byte tokens plus the ChatML specials, no merges."""
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_alphabet))}
+    for tok in SPECIALS:
+        vocab[tok] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=CHATML,
+    )
+
+
+FAMILIES = {
+    # Grouped-query attention in every family (4 query heads share 2 kv heads); Qwen2 has q/k/v biases.
+    "llama": dict(model_type="llama", tie_word_embeddings=True),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),
+    "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=None),
+}
+
+
+def tiny_config(family="llama", vocab_size=259, **overrides):
+    kw = dict(FAMILIES[family])
+    model_type = kw.pop("model_type")
+    kw.update(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+              rms_norm_eps=1e-6, bos_token_id=257, eos_token_id=258, pad_token_id=256)
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def tiny_model(family="llama", seed=0, attn_implementation="eager", **overrides):
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(family, vocab_size=len(tokenizer), **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    # Random init gives near-uniform attention; a larger spread makes sink statistics non-trivial.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name and p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model.eval(), tokenizer
+
+
+def save_tiny(directory, family="llama", dtype=torch.float32, seed=0, **overrides):
+    """Write a loadable model folder (model.safetensors, config.json, tokenizer files) and return its path."""
+    model, tokenizer = tiny_model(family, seed=seed, **overrides)
+    directory = Path(directory)
+    model.to(dtype).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
