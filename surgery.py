@@ -441,7 +441,11 @@ def save_merged_model(out, model, tokenizer, probes):
 
 
 def save_adapter(out, state, args):
+    """OUT/adapter/: its own folder, because from_pretrained(OUT) with peft installed would otherwise apply an
+    adapter_config.json found beside the merged weights a second time."""
     from safetensors.torch import save_file
+    out = out / "adapter"
+    out.mkdir(exist_ok=True)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(args.model),
               "r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
               "target_modules": sorted(args.lora_targets), "bias": "none", "fan_in_fan_out": False,
@@ -590,7 +594,7 @@ def train(args):
     write_json(out / "sink_report.json", report)
     checkpoint.unlink(missing_ok=True)
     print_report(report, n_layers * n_heads)
-    print(f"wrote {out}/: model.safetensors, adapter_model.safetensors, sink_report.json, train_log.jsonl")
+    print(f"wrote {out}/: model.safetensors (merged), adapter/ (peft format), sink_report.json, train_log.jsonl")
     return adapter, report
 
 

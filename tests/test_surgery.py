@@ -221,8 +221,8 @@ def test_outputs_load_and_report_matches_eager_oracle(tmp_path, tiny_run_inputs)
                                             "--probe-count", "4"))
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
         ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-         "chat_template.jinja", "adapter_model.safetensors", "adapter_config.json", "sink_report.json",
-         "train_log.jsonl"])
+         "chat_template.jinja", "adapter", "sink_report.json", "train_log.jsonl"])
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not list(out.glob(".*"))  # no temporary files left behind
     with safe_open(out / "model.safetensors", "pt") as f:
         probes = json.loads(f.metadata()["sinkcheck.probes"])
@@ -232,8 +232,8 @@ def test_outputs_load_and_report_matches_eager_oracle(tmp_path, tiny_run_inputs)
     merged = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_run_inputs["model"], dtype=torch.float32)
     # Merged weight = base + (lora_alpha / r) B A, read back from the peft-format adapter file.
-    lora = load_file(out / "adapter_model.safetensors")
-    config = json.loads((out / "adapter_config.json").read_text())
+    lora = load_file(out / "adapter" / "adapter_model.safetensors")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["target_modules"] == [
         "k_proj", "o_proj", "q_proj", "v_proj"]
     name = "model.layers.1.self_attn.v_proj"
@@ -260,7 +260,7 @@ def test_adapter_loads_with_peft_when_installed(tmp_path, tiny_run_inputs):
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(tiny_run_inputs["model"], dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    with_adapter = peft.PeftModel.from_pretrained(base, out)
+    with_adapter = peft.PeftModel.from_pretrained(base, out / "adapter")
     ids = torch.tensor([[257, 70, 71, 72, 258]])
     assert (with_adapter(ids).logits - merged(ids).logits).abs().max() < 1e-5
 
