@@ -1,0 +1,134 @@
+// Python bindings (module sinkcheck._core): the checker's C++ core as the CLI and tests see it.
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "errors.h"
+#include "json.h"
+#include "model.h"
+#include "safetensors.h"
+#include "sinks.h"
+
+namespace py = pybind11;
+using namespace sinkcheck;
+
+namespace {
+
+py::list to_rows(const std::vector<double>& flat, int n_layers, int n_heads) {
+  py::list rows;
+  for (int l = 0; l < n_layers; ++l) {
+    py::list row;
+    for (int h = 0; h < n_heads; ++h) row.append(flat[size_t(l) * n_heads + h]);
+    rows.append(row);
+  }
+  return rows;
+}
+
+py::dict config_dict(const ModelConfig& c) {
+  static const char* families[] = {"llama", "mistral", "qwen2"};
+  py::dict d;
+  d["family"] = families[static_cast<int>(c.family)];
+  d["n_layers"] = c.n_layers;
+  d["n_heads"] = c.n_heads;
+  d["n_kv_heads"] = c.n_kv_heads;
+  d["head_dim"] = c.head_dim;
+  d["hidden_size"] = c.hidden_size;
+  d["vocab_size"] = c.vocab_size;
+  return d;
+}
+
+// Wraps a Python progress callable; it also polls for Ctrl-C, which cannot arrive while the GIL is released.
+Progress python_progress(const py::object& callback) {
+  return [callback](long long done, long long total) {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    if (!callback.is_none()) callback(done, total);
+  };
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "C++ core of sinkcheck: strict safetensors reader, Llama-family forward pass, sink statistics.";
+  py::register_exception<CheckError>(m, "CheckError");
+
+  m.def(
+      "read_metadata",
+      [](const std::string& path) {
+        Checkpoint checkpoint(path);
+        py::dict out;
+        for (const auto& [key, value] : checkpoint.metadata())
+          if (!out.contains(key)) out[py::str(key)] = value;
+        return out;
+      },
+      py::arg("path"), "The __metadata__ of a checkpoint (file, folder or shard index), first shard winning.");
+
+  m.def(
+      "checkpoint_directory", [](const std::string& path) { return Checkpoint(path).directory(); }, py::arg("path"),
+      "The folder holding config.json and the tokenizer files for a checkpoint path.");
+
+  m.def(
+      "check_safetensors",
+      [](py::bytes data) {
+        std::string bytes = data;
+        SafetensorsHeader header =
+            parse_safetensors(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "<bytes>");
+        return header.tensors.size();
+      },
+      py::arg("data"), "Validates a whole safetensors image held in memory; returns its tensor count.");
+
+  m.def(
+      "check_json", [](py::bytes data) { parse_json(std::string(data), "<json>"); }, py::arg("data"),
+      "Parses JSON with the checker's strict parser (raises CheckError when invalid).");
+
+  m.def(
+      "check_config", [](py::bytes data) { return config_dict(model_config_from_json(parse_json(std::string(data), "<config>"), "<config>")); },
+      py::arg("data"), "Reads a config.json text as the model loader would.");
+
+  py::class_<Model>(m, "Model")
+      .def(py::init([](const std::string& path, int threads) {
+             py::gil_scoped_release release;
+             return new Model(path, threads);
+           }),
+           py::arg("path"), py::arg("threads") = 0)
+      .def_property_readonly("config", [](const Model& model) { return config_dict(model.config()); })
+      .def_property_readonly("n_threads", &Model::n_threads)
+      .def(
+          "mean_sink_values",
+          [](Model& model, const std::vector<Sequence>& sequences, int sink_position, bool reuse_prefixes) {
+            SinkMeans means;
+            {
+              py::gil_scoped_release release;
+              means = mean_sink_values(model, sequences, sink_position, "probe", nullptr, reuse_prefixes);
+            }
+            return py::make_tuple(to_rows(means.mean, means.n_layers, means.n_heads), means.n_sequences);
+          },
+          py::arg("sequences"), py::arg("sink_position") = 0, py::arg("reuse_prefixes") = true,
+          "a_h(X) per layer and query head, and the number of sequences that counted.")
+      .def(
+          "sink_divergence",
+          [](Model& model, const std::vector<Sequence>& harmful, const std::vector<Sequence>& harmless,
+             int sink_position, py::object progress, bool reuse_prefixes) {
+            SinkDivergence result;
+            const Progress report = python_progress(progress);  // built (and later destroyed) holding the GIL
+            {
+              py::gil_scoped_release release;
+              result = sink_divergence(model, harmful, harmless, sink_position, report, reuse_prefixes);
+            }
+            const int L = result.harmful.n_layers, H = result.harmful.n_heads;
+            py::dict out;
+            out["sink_position"] = sink_position;
+            out["divergence"] = to_rows(result.divergence, L, H);
+            out["positive"] = result.positive;
+            out["harmful_sink"] = to_rows(result.harmful.mean, L, H);
+            out["harmless_sink"] = to_rows(result.harmless.mean, L, H);
+            out["n_harmful"] = result.harmful.n_sequences;
+            out["n_harmless"] = result.harmless.n_sequences;
+            return out;
+          },
+          py::arg("harmful"), py::arg("harmless"), py::arg("sink_position") = 0, py::arg("progress") = py::none(),
+          py::arg("reuse_prefixes") = true,
+          "d_h = a_h(harmful) - a_h(harmless); progress(done_tokens, total_tokens) is called between batches.");
+}

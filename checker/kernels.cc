@@ -1,0 +1,213 @@
+#include "kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace sinkcheck {
+
+namespace {
+
+// GCC/Clang vector extensions: portable SIMD (AVX2 with -march on x86, NEON on ARM) without
+// intrinsics headers. Loads and stores go through memcpy because rows need not be 32-byte aligned.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+inline f32x8 splat(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
+inline float hsum(f32x8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// exp(x) for x in about [-87, 88]: x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor series to
+// degree 7 (truncation error < 1e-8 relative), times 2^n built in the exponent bits. Inputs below
+// -87.3 give 0, as exp would underflow there anyway.
+inline f32x8 exp8(f32x8 x) {
+  const f32x8 hi = splat(88.3762626647949f), lo = splat(-87.3365447505531f);
+  i32x8 underflow = x < lo;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  // Round x / ln2 to nearest by the 1.5 * 2^23 trick.
+  const f32x8 magic = splat(12582912.0f);
+  f32x8 n = (x * splat(1.44269504088896341f) + magic) - magic;
+  f32x8 r = x - n * splat(0.693359375f);  // ln2 split in two for an exact first product
+  r = r - n * splat(-2.12194440e-4f);
+  f32x8 p = splat(1.0f / 5040.0f);
+  p = p * r + splat(1.0f / 720.0f);
+  p = p * r + splat(1.0f / 120.0f);
+  p = p * r + splat(1.0f / 24.0f);
+  p = p * r + splat(1.0f / 6.0f);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  i32x8 exponent = (__builtin_convertvector(n, i32x8) + 127) << 23;
+  f32x8 result = p * (f32x8)exponent;  // a vector cast reinterprets the bits
+  return underflow ? splat(0.0f) : result;
+}
+
+inline float exp1(float x) {
+  f32x8 v = exp8(splat(x));
+  return v[0];
+}
+
+// Rows per micro-tile, and the blocking of the reduction (kKc floats of a panel = 16 KB, in L1)
+// and of the rows (kMc rows of x stay in L2 while every panel passes over them).
+constexpr int kMr = 6;
+constexpr int kKc = 256;
+constexpr int kMc = 96;
+
+// c[m][0..16) (+)= a[m][0..kc) . panel over one k block, for MR rows; all accumulators in registers.
+template <int MR>
+void micro_kernel(const float* a, size_t lda, const float* panel, int kc, float* c, size_t ldc, int n_valid,
+                  bool accumulate) {
+  f32x8 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = splat(0.0f);
+  for (int k = 0; k < kc; ++k) {
+    f32x8 b0 = load8(panel + kPanel * k);
+    f32x8 b1 = load8(panel + kPanel * k + 8);
+    for (int m = 0; m < MR; ++m) {
+      f32x8 av = splat(a[m * lda + k]);
+      acc[m][0] += av * b0;
+      acc[m][1] += av * b1;
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float* row = c + m * ldc;
+    if (n_valid == kPanel) {
+      if (accumulate) {
+        acc[m][0] += load8(row);
+        acc[m][1] += load8(row + 8);
+      }
+      store8(row, acc[m][0]);
+      store8(row + 8, acc[m][1]);
+    } else {
+      float tile[kPanel];
+      store8(tile, acc[m][0]);
+      store8(tile + 8, acc[m][1]);
+      for (int n = 0; n < n_valid; ++n) row[n] = accumulate ? row[n] + tile[n] : tile[n];
+    }
+  }
+}
+
+void micro_kernel_rows(int rows, const float* a, size_t lda, const float* panel, int kc, float* c, size_t ldc,
+                       int n_valid, bool accumulate) {
+  switch (rows) {
+    case 6: micro_kernel<6>(a, lda, panel, kc, c, ldc, n_valid, accumulate); break;
+    case 5: micro_kernel<5>(a, lda, panel, kc, c, ldc, n_valid, accumulate); break;
+    case 4: micro_kernel<4>(a, lda, panel, kc, c, ldc, n_valid, accumulate); break;
+    case 3: micro_kernel<3>(a, lda, panel, kc, c, ldc, n_valid, accumulate); break;
+    case 2: micro_kernel<2>(a, lda, panel, kc, c, ldc, n_valid, accumulate); break;
+    default: micro_kernel<1>(a, lda, panel, kc, c, ldc, n_valid, accumulate); break;
+  }
+}
+
+}  // namespace
+
+PackedMatrix pack_matrix(const float* weight, int out, int in, std::vector<float> bias) {
+  PackedMatrix packed;
+  packed.out = out;
+  packed.in = in;
+  packed.bias = std::move(bias);
+  const int n_panels = (out + kPanel - 1) / kPanel;
+  packed.panels.assign(static_cast<size_t>(n_panels) * in * kPanel, 0.0f);
+  for (int p = 0; p < n_panels; ++p) {
+    float* panel = packed.panels.data() + static_cast<size_t>(p) * in * kPanel;
+    for (int j = 0; j < kPanel && p * kPanel + j < out; ++j) {
+      const float* src = weight + static_cast<size_t>(p * kPanel + j) * in;
+      for (int k = 0; k < in; ++k) panel[static_cast<size_t>(k) * kPanel + j] = src[k];
+    }
+  }
+  return packed;
+}
+
+void matmul(ThreadPool& pool, const float* x, size_t x_stride, int rows, const PackedMatrix& w, float* y,
+            size_t y_stride) {
+  if (rows <= 0) return;
+  const int n_panels = (w.out + kPanel - 1) / kPanel;
+  const int n_threads = std::min(pool.size(), n_panels);
+  pool.run(n_threads, [&](int task, int) {
+    // Contiguous panel ranges per thread: each thread writes its own output columns.
+    const int first = n_panels * task / n_threads;
+    const int last = n_panels * (task + 1) / n_threads;
+    for (int m0 = 0; m0 < rows; m0 += kMc) {
+      const int mc = std::min(kMc, rows - m0);
+      for (int k0 = 0; k0 < w.in; k0 += kKc) {
+        const int kc = std::min(kKc, w.in - k0);
+        for (int p = first; p < last; ++p) {
+          const float* panel = w.panels.data() + (static_cast<size_t>(p) * w.in + k0) * kPanel;
+          const int n_valid = std::min(kPanel, w.out - p * kPanel);
+          for (int m = 0; m < mc; m += kMr) {
+            const int mr = std::min(kMr, mc - m);
+            micro_kernel_rows(mr, x + (m0 + m) * x_stride + k0, x_stride, panel, kc,
+                              y + (m0 + m) * y_stride + p * kPanel, y_stride, n_valid, k0 > 0);
+          }
+        }
+      }
+      if (!w.bias.empty()) {
+        for (int m = m0; m < m0 + mc; ++m)
+          for (int o = first * kPanel; o < std::min(last * kPanel, w.out); ++o) y[m * y_stride + o] += w.bias[o];
+      }
+    }
+  });
+}
+
+void rmsnorm(const float* x, const float* weight, int n, float eps, float* out) {
+  double sum_sq = 0.0;
+  for (int i = 0; i < n; ++i) sum_sq += static_cast<double>(x[i]) * x[i];
+  const float scale = 1.0f / std::sqrt(static_cast<float>(sum_sq / n) + eps);
+  for (int i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * scale);
+}
+
+void silu_mul(float* gate, const float* up, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    f32x8 g = load8(gate + i);
+    f32x8 sig = splat(1.0f) / (splat(1.0f) + exp8(-g));
+    store8(gate + i, g * sig * load8(up + i));
+  }
+  for (; i < n; ++i) gate[i] = gate[i] / (1.0f + exp1(-gate[i])) * up[i];
+}
+
+float exp_shift_sum(float* x, int n, float max) {
+  f32x8 total = splat(0.0f);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    f32x8 e = exp8(load8(x + i) - splat(max));
+    store8(x + i, e);
+    total += e;
+  }
+  float sum = hsum(total);
+  for (; i < n; ++i) {
+    x[i] = exp1(x[i] - max);
+    sum += x[i];
+  }
+  return sum;
+}
+
+float dot(const float* a, const float* b, int n) {
+  f32x8 acc0 = splat(0.0f), acc1 = splat(0.0f);
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 += load8(a + i) * load8(b + i);
+    acc1 += load8(a + i + 8) * load8(b + i + 8);
+  }
+  for (; i + 8 <= n; i += 8) acc0 += load8(a + i) * load8(b + i);
+  float sum = hsum(acc0 + acc1);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+void axpy(float a, const float* x, float* y, int n) {
+  int i = 0;
+  const f32x8 av = splat(a);
+  for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + av * load8(x + i));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+}  // namespace sinkcheck

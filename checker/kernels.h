@@ -1,0 +1,43 @@
+// fp32 compute kernels: a cache-blocked matrix multiply, RMSNorm, SwiGLU and vector helpers.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "threads.h"
+
+namespace sinkcheck {
+
+// A weight matrix W[out][in] (the nn.Linear layout) repacked for matmul(): panels of kPanel
+// output rows, each stored k-major (for each input index, kPanel consecutive floats), the last
+// panel zero-padded. The micro-kernel then streams one contiguous panel per tile.
+constexpr int kPanel = 16;
+
+struct PackedMatrix {
+  int out = 0;
+  int in = 0;
+  std::vector<float> panels;  // ceil(out / kPanel) * in * kPanel
+  std::vector<float> bias;    // empty, or `out` values
+};
+
+PackedMatrix pack_matrix(const float* weight, int out, int in, std::vector<float> bias = {});
+
+// y[r][o] = sum_k x[r][k] * W[o][k] (+ bias[o]) for r < rows; x is rows x in, y is rows x out,
+// both row-major with the given row strides. Output columns are split over the pool's threads.
+void matmul(ThreadPool& pool, const float* x, size_t x_stride, int rows, const PackedMatrix& w, float* y,
+            size_t y_stride);
+
+// out = x / sqrt(mean(x^2) + eps) * weight, as transformers' RMSNorm in fp32.
+void rmsnorm(const float* x, const float* weight, int n, float eps, float* out);
+
+// gate[i] = silu(gate[i]) * up[i]: the SwiGLU combination.
+void silu_mul(float* gate, const float* up, size_t n);
+
+// In place: x[i] = exp(x[i] - max), returns the sum. Accurate to about 1 ulp.
+float exp_shift_sum(float* x, int n, float max);
+
+float dot(const float* a, const float* b, int n);
+// y += a * x
+void axpy(float a, const float* x, float* y, int n);
+
+}  // namespace sinkcheck

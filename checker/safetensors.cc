@@ -1,0 +1,331 @@
+#include "safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+#include "errors.h"
+#include "json.h"
+
+namespace sinkcheck {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// The safetensors format caps the header at 100 MB; a larger length is a corrupt file.
+constexpr uint64_t kMaxHeaderBytes = 100u * 1000u * 1000u;
+
+struct DTypeInfo {
+  const char* name;
+  DType dtype;
+  size_t size;
+};
+
+constexpr DTypeInfo kDTypes[] = {
+    {"BOOL", DType::BOOL, 1}, {"U8", DType::U8, 1},     {"I8", DType::I8, 1},
+    {"F8_E5M2", DType::F8_E5M2, 1}, {"F8_E4M3", DType::F8_E4M3, 1}, {"I16", DType::I16, 2},
+    {"U16", DType::U16, 2},   {"F16", DType::F16, 2},   {"BF16", DType::BF16, 2},
+    {"I32", DType::I32, 4},   {"U32", DType::U32, 4},   {"F32", DType::F32, 4},
+    {"F64", DType::F64, 8},   {"I64", DType::I64, 8},   {"U64", DType::U64, 8},
+};
+
+const DTypeInfo& dtype_info(DType dtype) {
+  for (const auto& info : kDTypes)
+    if (info.dtype == dtype) return info;
+  throw CheckError("internal: unknown dtype enum");
+}
+
+// Reads a non-negative JSON integer that must fit in uint64.
+uint64_t read_count(const Json& value, const std::string& context) {
+  if (!value.is_number() || !value.is_integer || value.integer < 0)
+    throw CheckError(context + " must be a non-negative integer");
+  return static_cast<uint64_t>(value.integer);
+}
+
+TensorEntry parse_entry(const std::string& name, const Json& spec, const uint8_t* data_area, uint64_t data_size,
+                        const std::string& label) {
+  const std::string where = label + ": tensor '" + name + "'";
+  if (!spec.is_object()) throw CheckError(where + ": header entry is not an object");
+  for (const auto& member : spec.members)
+    if (member.first != "dtype" && member.first != "shape" && member.first != "data_offsets")
+      throw CheckError(where + ": unknown header field '" + member.first + "'");
+  const Json* dtype = spec.find("dtype");
+  const Json* shape = spec.find("shape");
+  const Json* offsets = spec.find("data_offsets");
+  if (!dtype || !shape || !offsets) throw CheckError(where + ": header entry needs dtype, shape and data_offsets");
+
+  TensorEntry entry;
+  entry.name = name;
+  entry.file = label;
+  if (!dtype->is_string()) throw CheckError(where + ": dtype must be a string");
+  const DTypeInfo* info = nullptr;
+  for (const auto& candidate : kDTypes)
+    if (dtype->string == candidate.name) info = &candidate;
+  if (!info) throw CheckError(where + ": unknown dtype '" + dtype->string + "'");
+  entry.dtype = info->dtype;
+
+  if (!shape->is_array()) throw CheckError(where + ": shape must be an array");
+  entry.numel = 1;
+  for (const Json& dim : shape->items) {
+    uint64_t extent = read_count(dim, where + ": shape entry");
+    if (extent != 0 && entry.numel > std::numeric_limits<uint64_t>::max() / 16 / extent)
+      throw CheckError(where + ": shape " + std::to_string(extent) + " overflows");
+    entry.numel *= extent;
+    entry.shape.push_back(static_cast<int64_t>(extent));
+  }
+
+  if (!offsets->is_array() || offsets->items.size() != 2)
+    throw CheckError(where + ": data_offsets must be [begin, end]");
+  uint64_t begin = read_count(offsets->items[0], where + ": data_offsets begin");
+  uint64_t end = read_count(offsets->items[1], where + ": data_offsets end");
+  if (begin > end)
+    throw CheckError(where + ": data_offsets begin " + std::to_string(begin) + " is after end " + std::to_string(end));
+  if (end > data_size)
+    throw CheckError(where + ": data_offsets end " + std::to_string(end) + " is past the data area of " +
+                     std::to_string(data_size) + " bytes (truncated file?)");
+  entry.nbytes = end - begin;
+  if (entry.nbytes != entry.numel * info->size)
+    throw CheckError(where + ": byte length " + std::to_string(entry.nbytes) + " does not match shape " +
+                     shape_string(entry.shape) + " x " + info->name + " (" + std::to_string(entry.numel * info->size) +
+                     " bytes)");
+  entry.data = data_area + begin;
+  return entry;
+}
+
+std::string read_text_file(const std::string& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw CheckError("cannot read " + what + " " + path);
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
+
+// Half and bfloat16 to float by bit manipulation, exact for every value including subnormals.
+float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1Fu;
+  uint32_t mantissa = h & 0x3FFu;
+  uint32_t bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {
+    // Subnormal: value = mantissa x 2^-24, exact in float.
+    float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &magnitude, 4);
+    bits |= sign;
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+}  // namespace
+
+const char* dtype_name(DType dtype) { return dtype_info(dtype).name; }
+size_t dtype_size(DType dtype) { return dtype_info(dtype).size; }
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+SafetensorsHeader parse_safetensors(const uint8_t* bytes, size_t size, const std::string& label) {
+  if (size < 8) throw CheckError(label + ": file of " + std::to_string(size) + " bytes is too short for a safetensors header");
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];  // little endian
+  if (header_len > kMaxHeaderBytes)
+    throw CheckError(label + ": header length " + std::to_string(header_len) + " exceeds the 100 MB limit");
+  if (header_len > size - 8)
+    throw CheckError(label + ": header length " + std::to_string(header_len) + " runs past the end of the " +
+                     std::to_string(size) + "-byte file (truncated file?)");
+  if (header_len < 2 || bytes[8] != '{') throw CheckError(label + ": header is not a JSON object");
+
+  Json header = parse_json(std::string_view(reinterpret_cast<const char*>(bytes + 8), header_len), label + ": header");
+  if (!header.is_object()) throw CheckError(label + ": header is not a JSON object");
+
+  const uint8_t* data_area = bytes + 8 + header_len;
+  const uint64_t data_size = size - 8 - header_len;
+  SafetensorsHeader result;
+  for (const auto& [name, spec] : header.members) {
+    if (name == "__metadata__") {
+      if (!spec.is_object()) throw CheckError(label + ": __metadata__ is not an object");
+      for (const auto& [key, value] : spec.members) {
+        if (!value.is_string()) throw CheckError(label + ": __metadata__ value for '" + key + "' is not a string");
+        result.metadata.emplace_back(key, value.string);
+      }
+      continue;
+    }
+    if (name.empty()) throw CheckError(label + ": tensor with an empty name");
+    result.tensors.push_back(parse_entry(name, spec, data_area, data_size, label));
+  }
+
+  // Overlap check on byte ranges sorted by start; empty tensors occupy nothing.
+  std::vector<const TensorEntry*> order;
+  for (const auto& entry : result.tensors)
+    if (entry.nbytes > 0) order.push_back(&entry);
+  std::sort(order.begin(), order.end(), [](const TensorEntry* a, const TensorEntry* b) { return a->data < b->data; });
+  for (size_t i = 1; i < order.size(); ++i) {
+    if (order[i]->data < order[i - 1]->data + order[i - 1]->nbytes)
+      throw CheckError(label + ": tensors '" + order[i - 1]->name + "' and '" + order[i]->name + "' overlap");
+  }
+  return result;
+}
+
+MappedFile::MappedFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw CheckError("cannot open " + path + ": " + std::strerror(errno));
+  struct stat info {};
+  if (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode)) {
+    ::close(fd);
+    throw CheckError(path + " is not a regular file");
+  }
+  size_ = static_cast<size_t>(info.st_size);
+  if (size_ > 0) {
+    void* mapped = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (mapped == MAP_FAILED) {
+      int err = errno;
+      ::close(fd);
+      throw CheckError("cannot map " + path + ": " + std::strerror(err));
+    }
+    data_ = static_cast<const uint8_t*>(mapped);
+  }
+  ::close(fd);  // the mapping stays valid
+}
+
+MappedFile::~MappedFile() {
+  if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
+}
+
+Checkpoint::Checkpoint(const std::string& path) {
+  std::error_code ec;
+  fs::path target(path);
+  if (!fs::exists(target, ec)) throw CheckError("no such file or folder: " + path);
+
+  fs::path index;
+  std::vector<fs::path> shards;
+  if (fs::is_directory(target, ec)) {
+    directory_ = target.string();
+    if (fs::exists(target / "model.safetensors.index.json")) {
+      index = target / "model.safetensors.index.json";
+    } else if (fs::exists(target / "model.safetensors")) {
+      shards.push_back(target / "model.safetensors");
+    } else {
+      for (const auto& item : fs::directory_iterator(target, ec))
+        if (item.path().extension() == ".safetensors") shards.push_back(item.path());
+      std::sort(shards.begin(), shards.end());
+      if (shards.empty()) throw CheckError("no .safetensors files in folder " + path);
+    }
+  } else {
+    directory_ = target.parent_path().empty() ? std::string(".") : target.parent_path().string();
+    if (target.string().size() >= 5 && target.extension() == ".json") index = target;
+    else shards.push_back(target);
+  }
+
+  if (!index.empty()) {
+    const std::string label = index.string();
+    Json doc = parse_json(read_text_file(label, "shard index"), label);
+    const Json* weight_map = doc.find("weight_map");
+    if (!weight_map || !weight_map->is_object()) throw CheckError(label + ": no weight_map object");
+    std::vector<std::string> names;
+    for (const auto& [tensor, file] : weight_map->members) {
+      if (!file.is_string()) throw CheckError(label + ": weight_map entry for '" + tensor + "' is not a file name");
+      const std::string& shard = file.string;
+      if (shard.empty() || shard.find('/') != std::string::npos || shard.find('\\') != std::string::npos || shard == "." || shard == "..")
+        throw CheckError(label + ": shard name '" + shard + "' must be a plain file name in the index's folder");
+      if (std::find(names.begin(), names.end(), shard) == names.end()) names.push_back(shard);
+    }
+    if (names.empty()) throw CheckError(label + ": weight_map is empty");
+    for (const auto& shard : names) add_file((fs::path(directory_) / shard).string());
+    for (const auto& [tensor, file] : weight_map->members) {
+      auto found = tensors_.find(tensor);
+      if (found == tensors_.end() || fs::path(found->second.file).filename() != file.string)
+        throw CheckError(label + ": tensor '" + tensor + "' is not in shard " + file.string);
+    }
+  } else {
+    for (const auto& shard : shards) add_file(shard.string());
+  }
+}
+
+void Checkpoint::add_file(const std::string& path) {
+  files_.push_back(std::make_unique<MappedFile>(path));
+  const MappedFile& file = *files_.back();
+  SafetensorsHeader header = parse_safetensors(file.data(), file.size(), path);
+  for (auto& entry : header.tensors) {
+    auto [it, inserted] = tensors_.emplace(entry.name, entry);
+    if (!inserted) throw CheckError("tensor '" + entry.name + "' appears in both " + it->second.file + " and " + path);
+  }
+  for (auto& item : header.metadata) metadata_.push_back(std::move(item));
+}
+
+const TensorEntry* Checkpoint::find(const std::string& name) const {
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second;
+}
+
+const TensorEntry& Checkpoint::require(const std::string& name, const std::vector<int64_t>& shape) const {
+  const TensorEntry* entry = find(name);
+  if (!entry) throw CheckError("missing tensor '" + name + "' in " + directory_);
+  if (entry->dtype != DType::F32 && entry->dtype != DType::F16 && entry->dtype != DType::BF16)
+    throw CheckError(entry->file + ": tensor '" + name + "' has unsupported dtype " + dtype_name(entry->dtype) +
+                     " (sinkcheck reads F32, F16 and BF16)");
+  if (entry->shape != shape)
+    throw CheckError(entry->file + ": tensor '" + name + "' has shape " + shape_string(entry->shape) +
+                     " but config.json implies " + shape_string(shape));
+  return *entry;
+}
+
+std::optional<std::string> Checkpoint::metadata_value(const std::string& key) const {
+  for (const auto& [k, v] : metadata_)
+    if (k == key) return v;
+  return std::nullopt;
+}
+
+void tensor_to_fp32(const TensorEntry& tensor, uint64_t first, uint64_t count, float* out) {
+  if (first + count > tensor.numel) throw CheckError("internal: element range outside tensor " + tensor.name);
+  const uint8_t* src = tensor.data + first * dtype_size(tensor.dtype);
+  switch (tensor.dtype) {
+    case DType::F32:
+      std::memcpy(out, src, count * 4);  // memcpy: the data may be unaligned
+      break;
+    case DType::F16:
+      for (uint64_t i = 0; i < count; ++i) {
+        uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        out[i] = half_to_float(h);
+      }
+      break;
+    case DType::BF16:
+      for (uint64_t i = 0; i < count; ++i) {
+        uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        uint32_t bits = static_cast<uint32_t>(h) << 16;
+        std::memcpy(out + i, &bits, 4);
+      }
+      break;
+    default:
+      throw CheckError(tensor.file + ": tensor '" + tensor.name + "' has unsupported dtype " + dtype_name(tensor.dtype));
+  }
+}
+
+std::vector<float> tensor_to_fp32(const TensorEntry& tensor) {
+  std::vector<float> out(tensor.numel);
+  tensor_to_fp32(tensor, 0, tensor.numel, out.data());
+  return out;
+}
+
+}  // namespace sinkcheck

@@ -1,0 +1,86 @@
+// Strict safetensors reader: memory-mapped files, every header field validated before use.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace sinkcheck {
+
+enum class DType { BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64 };
+
+const char* dtype_name(DType dtype);
+size_t dtype_size(DType dtype);
+
+struct TensorEntry {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  uint64_t numel = 0;
+  const uint8_t* data = nullptr;  // first byte, inside the mapped file
+  uint64_t nbytes = 0;
+  std::string file;  // for messages
+};
+
+struct SafetensorsHeader {
+  std::vector<TensorEntry> tensors;
+  std::vector<std::pair<std::string, std::string>> metadata;  // the "__metadata__" map
+};
+
+// Parses and validates a whole safetensors image held in memory: header length inside the image,
+// strict JSON, known dtypes, shapes of non-negative ints, offsets inside the data area with
+// begin <= end, byte length = numel x dtype size, no two tensors overlapping. Entry pointers point
+// into `bytes`. `label` names the file in messages.
+SafetensorsHeader parse_safetensors(const uint8_t* bytes, size_t size, const std::string& label);
+
+// A read-only memory map of a whole file.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// A checkpoint: one .safetensors file, a folder (index, model.safetensors, or all its shards) or a
+// model.safetensors.index.json. Tensor names are unique across shards.
+class Checkpoint {
+ public:
+  explicit Checkpoint(const std::string& path);
+
+  const std::string& directory() const { return directory_; }  // where config.json and tokenizer files live
+  const TensorEntry* find(const std::string& name) const;
+  // The tensor, checked to be present, floating point (F32, F16, BF16) and of the given shape.
+  const TensorEntry& require(const std::string& name, const std::vector<int64_t>& shape) const;
+  // The __metadata__ value for `key`, from the first shard that has it.
+  std::optional<std::string> metadata_value(const std::string& key) const;
+  const std::vector<std::pair<std::string, std::string>>& metadata() const { return metadata_; }
+
+ private:
+  void add_file(const std::string& path);
+
+  std::string directory_;
+  std::vector<std::unique_ptr<MappedFile>> files_;
+  std::unordered_map<std::string, TensorEntry> tensors_;
+  std::vector<std::pair<std::string, std::string>> metadata_;
+};
+
+// Converts `count` elements starting at element `first` of an F32/F16/BF16 tensor to fp32.
+void tensor_to_fp32(const TensorEntry& tensor, uint64_t first, uint64_t count, float* out);
+std::vector<float> tensor_to_fp32(const TensorEntry& tensor);
+
+std::string shape_string(const std::vector<int64_t>& shape);
+
+}  // namespace sinkcheck
