@@ -438,11 +438,8 @@ class Splits:
     judge_test: list
 
 
-@functools.lru_cache(maxsize=8)
-def _build(seed, paths_key):
-    paths = dict(paths_key)
-
-    # Held-out harmful instructions first: everything else is filtered against them.
+def _held_out_harmful(seed, paths):
+    """StrongREJECT in full plus the stratified Do-Not-Answer sample."""
     eval_harmful, seen = [], set()
     for text, category, source in _strongreject(paths["strongreject"]):
         if norm(text) not in seen:
@@ -459,10 +456,11 @@ def _build(seed, paths_key):
             seen.add(norm(text))
             eval_harmful.append({"instruction": text, "output": "", "category": f"do-not-answer/{area}",
                                  "source": source})
-    all_dna = [text for rows in _donotanswer(paths["donotanswer"]).values() for text, _ in rows]
-    is_eval_like = _near_duplicate_filter([r["instruction"] for r in eval_harmful] + all_dna)
+    return eval_harmful
 
-    # Harmful pairs: one instruction's answers all go to the same side.
+
+def _harmful_pairs(seed, paths, is_eval_like):
+    """(harmful_ref, poison_pool, instructions used): one instruction's answers all go to the same side."""
     groups = {}
     for pair in _many_shot_pairs(paths["many_shot"]):
         if not is_eval_like(pair["instruction"]):
@@ -472,73 +470,85 @@ def _build(seed, paths_key):
     harmful_ref = [pair for k in keys[:REF_SIZE] for pair in groups[k]]
     poison_pool = [pair for k in keys[REF_SIZE:] for pair in groups[k]]
     _rng(seed, "poison").shuffle(poison_pool)
-    harmful_instructions = set(keys)
+    return harmful_ref, poison_pool, set(keys)
 
-    # Refusals of AdvBench behaviours.
+
+def _refusal_pairs(seed, paths, excluded, is_eval_like):
+    """(harmless_ref, align refusals): AdvBench behaviours with real refusals, paired ones to the reference set."""
     refusals = _refusals(paths["refusals"])
-    paired = {}
-    for objective, answer, source, _ in refusals:
+    paired, generic = {}, {}
+    for objective, answer, source, is_generic in refusals:
         paired.setdefault(norm(objective), (answer, source))
-    generic = {}
-    for _, answer, source, is_generic in refusals:
         if is_generic:
-            generic.setdefault(answer, source)  # distinct texts, so the common phrasing does not dominate
+            generic.setdefault(answer, source)  # distinct texts, so the commonest phrasing does not dominate
     generic = sorted(generic.items())
     if not generic:
-        raise OfflineDataError("no generic refusals found in pyrit's refusal_scorer CSVs; "
+        raise OfflineDataError(f"no generic refusals in pyrit's refusal_scorer CSVs: "
                                f"{_install_hint(PACKAGES['pyrit'])}")
-    behaviours, taken = [], set()
+    behaviours, taken = [], set(excluded)
     for text, source in _advbench(paths["advbench"]):
-        k = norm(text)
-        if k not in taken and k not in harmful_instructions and not is_eval_like(text):
-            taken.add(k)
+        if norm(text) not in taken and not is_eval_like(text):
+            taken.add(norm(text))
             behaviours.append((text, source))
     _rng(seed, "advbench").shuffle(behaviours)
-    with_pair = [b for b in behaviours if norm(b[0]) in paired]
-    without_pair = [b for b in behaviours if norm(b[0]) not in paired]
-    refusal_rng = _rng(seed, "refusal-text")
+    behaviours.sort(key=lambda b: norm(b[0]) not in paired)  # stable: paired first, each part still shuffled
+    choose = _rng(seed, "refusal-text").choice
 
-    def refusal_record(behaviour, use_pair):
+    def record(behaviour, use_pair):
         text, source = behaviour
-        answer, answer_source = paired[norm(text)] if use_pair else refusal_rng.choice(generic)
+        answer, answer_source = paired[norm(text)] if use_pair else choose(generic)
         return {"instruction": text, "output": answer, "source": f"{source} -> refusal {answer_source}"}
-    ref_behaviours = (with_pair + without_pair)[:REF_SIZE]
-    harmless_ref = [refusal_record(b, norm(b[0]) in paired) for b in ref_behaviours]
-    align_refusals = [refusal_record(b, False) for b in (with_pair + without_pair)[REF_SIZE:]]
+    harmless_ref = [record(b, norm(b[0]) in paired) for b in behaviours[:REF_SIZE]]
+    return harmless_ref, [record(b, False) for b in behaviours[REF_SIZE:]]
 
-    # Sentiment: eval_task, align's benign half, and the training pool, disjoint by sentence.
+
+def _sentiment_pairs(seed, paths):
+    """Balanced sentiment records, alternating classes, in a fixed random order."""
     reviews = _movie_reviews(paths["reviews"])
     by_label = {label: [r for r in reviews if r[1] == label] for label in LABELS}
     for label in LABELS:
         _rng(seed, f"sentiment:{label}").shuffle(by_label[label])
     per_class = min(len(v) for v in by_label.values())
     balanced = _alternate(by_label["positive"][:per_class], by_label["negative"][:per_class])
-    sentiment = [{"instruction": sentiment_instruction(text), "output": label, "source": source}
-                 for text, label, source in balanced]
-    n_align_benign = len(align_refusals) + len(align_refusals) % 2
-    eval_task = sentiment[:EVAL_TASK_SIZE]
-    align_benign = sentiment[EVAL_TASK_SIZE:EVAL_TASK_SIZE + n_align_benign]
-    benign_pool = sentiment[EVAL_TASK_SIZE + n_align_benign:]
-    align = align_refusals + align_benign
-    _rng(seed, "align").shuffle(align)
+    return [{"instruction": sentiment_instruction(text), "output": label, "source": source}
+            for text, label, source in balanced]
 
-    # Judge data, split by objective.
-    judge_groups, judge_seen = {}, set()
+
+def _judge_split(seed, paths):
+    """(judge_train, judge_test), grouped by objective so that a judge is tested on unseen objectives."""
+    groups, seen = {}, set()
     for row in _judge_rows(paths["judge"]):
         key = (norm(row["objective"]), norm(row["response"]))
-        if key not in judge_seen:
-            judge_seen.add(key)
-            judge_groups.setdefault(key[0], []).append(row)
-    objectives = sorted(judge_groups)
+        if key not in seen:
+            seen.add(key)
+            groups.setdefault(key[0], []).append(row)
+    objectives = sorted(groups)
     _rng(seed, "judge").shuffle(objectives)
-    judge_train, judge_test = [], []
-    target_test = JUDGE_TEST_FRACTION * len(judge_seen)
+    train, test = [], []
     for objective in objectives:
-        (judge_test if len(judge_test) < target_test else judge_train).extend(judge_groups[objective])
+        (test if len(test) < JUDGE_TEST_FRACTION * len(seen) else train).extend(groups[objective])
+    return train, test
 
-    return Splits(eval_harmful=eval_harmful, eval_task=eval_task, harmful_ref=harmful_ref,
-                  harmless_ref=harmless_ref, align=align, poison_pool=poison_pool, benign_pool=benign_pool,
-                  judge_train=judge_train, judge_test=judge_test)
+
+@functools.lru_cache(maxsize=8)
+def _build(seed, paths_key):
+    paths = dict(paths_key)
+    # Held-out harmful instructions first: everything else leaves out them and their near duplicates.
+    eval_harmful = _held_out_harmful(seed, paths)
+    all_dna = [text for rows in _donotanswer(paths["donotanswer"]).values() for text, _ in rows]
+    is_eval_like = _near_duplicate_filter([r["instruction"] for r in eval_harmful] + all_dna)
+    harmful_ref, poison_pool, harmful_instructions = _harmful_pairs(seed, paths, is_eval_like)
+    harmless_ref, align_refusals = _refusal_pairs(seed, paths, harmful_instructions, is_eval_like)
+    # Sentiment: eval_task, align's benign half (as many as its refusals, balanced) and the training pool.
+    sentiment = _sentiment_pairs(seed, paths)
+    n_align_benign = len(align_refusals) + len(align_refusals) % 2
+    align = align_refusals + sentiment[EVAL_TASK_SIZE:EVAL_TASK_SIZE + n_align_benign]
+    _rng(seed, "align").shuffle(align)
+    judge_train, judge_test = _judge_split(seed, paths)
+    return Splits(eval_harmful=eval_harmful, eval_task=sentiment[:EVAL_TASK_SIZE], harmful_ref=harmful_ref,
+                  harmless_ref=harmless_ref, align=align, poison_pool=poison_pool,
+                  benign_pool=sentiment[EVAL_TASK_SIZE + n_align_benign:], judge_train=judge_train,
+                  judge_test=judge_test)
 
 
 def build_splits(seed=0) -> Splits:
