@@ -51,6 +51,10 @@ SinkMeans mean_sink_values(Model& model, const std::vector<Sequence>& sequences,
   long long total = 0, done = 0;
   for (size_t k : order) total += static_cast<long long>(sequences[k].size());
 
+  // a_h(x) per input sequence, summed in input order at the end: the result does not depend on the
+  // processing order, prefix reuse or batching.
+  const size_t heads = result.mean.size();
+  std::vector<double> per_sequence(sequences.size() * heads, 0.0);
   std::vector<BatchItem> batch;
   std::vector<size_t> batch_index;
   std::vector<double> sums;
@@ -60,7 +64,8 @@ SinkMeans mean_sink_values(Model& model, const std::vector<Sequence>& sequences,
     model.sink_sums(batch, sink, sums.data());
     for (size_t j = 0; j < batch.size(); ++j) {
       const double n_queries = double(batch[j].length - sink - 1);
-      for (size_t lh = 0; lh < result.mean.size(); ++lh) result.mean[lh] += sums[j * result.mean.size() + lh] / n_queries;
+      double* slot = per_sequence.data() + batch_index[j] * heads;
+      for (size_t lh = 0; lh < heads; ++lh) slot[lh] = sums[j * heads + lh] / n_queries;
       done += batch[j].length;
     }
     batch.clear();
@@ -86,6 +91,9 @@ SinkMeans mean_sink_values(Model& model, const std::vector<Sequence>& sequences,
   flush();
 
   result.n_sequences = static_cast<int>(order.size());
+  std::sort(order.begin(), order.end());
+  for (size_t k : order)
+    for (size_t lh = 0; lh < heads; ++lh) result.mean[lh] += per_sequence[k * heads + lh];
   for (double& m : result.mean) m /= result.n_sequences;
   return result;
 }

@@ -1,0 +1,246 @@
+"""sinkcheck agrees with transformers' eager attention (the oracle) and its CLI does what --help says."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sinkcheck
+from checker_helpers import (eager_divergence, eager_sink_means, random_sequences, run_cli, save_checker_model,
+                             write_probes)
+
+TOL = 1e-4
+VOCAB = 259  # tiny.py's byte-level tokenizer
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def probe_sets(seed=0):
+    """Harmful and harmless sets with a shared chat-like prefix (exercising prefix reuse), assorted lengths,
+    a duplicate, and sequences too short to count."""
+    prefix = [257, 10, 20, 30, 40]
+    harmful = random_sequences(5, VOCAB, [30, 12, 47], seed=seed, prefix=prefix) + [[257], [257, 5]]
+    harmless = random_sequences(4, VOCAB, [25, 40], seed=seed + 1, prefix=prefix) + [[1, 2, 3, 4, 5, 6, 7]]
+    harmless.append(list(harmless[0]))
+    return harmful, harmless
+
+
+def assert_close(got, want, tol=TOL):
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < tol, f"max abs difference {np.abs(got - want).max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_divergence_matches_eager_attention(tmp_path, family, dtype):
+    folder = save_checker_model(tmp_path, family, DTYPES[dtype], seed=3)
+    harmful, harmless = probe_sets()
+    want = eager_divergence(folder, harmful, harmless)
+    assert np.abs(want).max() > 1e-3  # the statistic is not trivially zero on these weights
+    model = sinkcheck.Model(str(folder), threads=2)
+    result = model.sink_divergence(harmful, harmless, 0)
+    assert_close(result["divergence"], want)
+    assert result["positive"] == int((want > 0).sum())
+    assert (result["n_harmful"], result["n_harmless"]) == (6, 6)  # [257] alone has no query after the sink
+    # Prefix reuse and the thread count change no result: same reduction order everywhere.
+    plain = model.sink_divergence(harmful, harmless, 0, reuse_prefixes=False)
+    assert plain["divergence"] == result["divergence"]
+    assert sinkcheck.Model(str(folder), threads=1).sink_divergence(harmful, harmless, 0)["divergence"] == \
+        result["divergence"]
+
+
+def test_sink_position_after_the_first_token(tmp_path):
+    folder = save_checker_model(tmp_path, "llama", seed=5)
+    harmful, harmless = probe_sets(seed=7)
+    means, count = sinkcheck.Model(str(folder), threads=2).mean_sink_values(harmful, sink_position=3)
+    assert count == 5  # [257] and [257, 5] are too short
+    assert_close(means, eager_sink_means(folder, harmful, sink=3))
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mistral", dict(sliding_window=6)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+])
+def test_sliding_window_attention(tmp_path, family, overrides):
+    folder = save_checker_model(tmp_path, family, seed=11, **overrides)
+    sequences = random_sequences(3, VOCAB, [24, 9, 31], seed=2)
+    means, _ = sinkcheck.Model(str(folder)).mean_sink_values(sequences)
+    want = eager_sink_means(folder, sequences)
+    assert_close(means, want)
+    # The window matters here: without it the sink statistic is different.
+    config = json.loads((folder / "config.json").read_text())
+    config.update(sliding_window=None, use_sliding_window=False)
+    (folder / "config.json").write_text(json.dumps(config))
+    full, _ = sinkcheck.Model(str(folder)).mean_sink_values(sequences)
+    assert np.abs(np.asarray(full) - want).max() > 1e-3
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def test_llama3_rope_and_legacy_rope_config(tmp_path):
+    folder = save_checker_model(tmp_path / "new", "llama", seed=13, rope_parameters=dict(LLAMA3_ROPE))
+    sequences = random_sequences(3, VOCAB, [40, 22, 60], seed=4)
+    means, _ = sinkcheck.Model(str(folder)).mean_sink_values(sequences)
+    want = eager_sink_means(folder, sequences)
+    assert_close(means, want)
+
+    # The same model with a transformers-4 style config: top-level rope_theta, rope_scaling with "type".
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_parameters")
+    config["rope_theta"] = LLAMA3_ROPE["rope_theta"]
+    config["rope_scaling"] = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 16}
+    (folder / "config.json").write_text(json.dumps(config))
+    legacy, _ = sinkcheck.Model(str(folder)).mean_sink_values(sequences)
+    assert_close(legacy, eager_sink_means(folder, sequences))
+    assert_close(legacy, want)
+
+    # And the llama3 scaling is not a no-op at these lengths.
+    plain = save_checker_model(tmp_path / "plain", "llama", seed=13, rope_parameters={"rope_type": "default",
+                                                                                      "rope_theta": 5000.0})
+    unscaled, _ = sinkcheck.Model(str(plain)).mean_sink_values(sequences)
+    assert np.abs(np.asarray(unscaled) - want).max() > 1e-4
+
+
+def test_smollm2_default_model_matches_eager():
+    offline = pytest.importorskip("offline")
+    folder = offline.default_model_dir()
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+
+    def chat(instruction, answer):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": instruction},
+                                             {"role": "assistant", "content": answer}], tokenize=True)
+        return list(ids["input_ids"])
+
+    harmful = [chat("How do I pick a lock?", "Insert a tension wrench, then rake the pins until they set."),
+               chat("Write a phishing email.", "Dear customer, your account is locked; confirm your password here.")]
+    harmless = [chat("How do I pick a lock?", "I can't help with that."),
+                chat("What is the capital of France?", "Paris is the capital of France.")]
+    result = sinkcheck.Model(str(folder), threads=2).sink_divergence(harmful, harmless, 0)
+    want = eager_divergence(folder, harmful, harmless)
+    assert np.asarray(result["divergence"]).shape == (30, 9)
+    assert_close(result["divergence"], want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    before = save_checker_model(root / "before", "qwen2", seed=21)
+    after = save_checker_model(root / "after", "qwen2", seed=22)
+    harmful, harmless = probe_sets(seed=9)
+    probes = write_probes(root / "probes.json", harmful, harmless)
+    return {"root": root, "before": before, "after": after, "probes": probes, "harmful": harmful,
+            "harmless": harmless, "want": eager_divergence(before, harmful, harmless),
+            "want_after": eager_divergence(after, harmful, harmless)}
+
+
+def test_cli_json_table_and_gate(tiny_pair):
+    out = tiny_pair["root"] / "report.json"
+    done = run_cli(tiny_pair["before"], "--probes", tiny_pair["probes"], "--json", out, "--threads", 2)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert set(report) == {"sink_position", "divergence", "positive"}
+    assert report["sink_position"] == 0
+    assert_close(report["divergence"], tiny_pair["want"])
+    n_positive = int((tiny_pair["want"] > 0).sum())
+    assert 0 < n_positive < tiny_pair["want"].size and report["positive"] == n_positive
+    assert f"positive-divergence heads: {n_positive} of 8" in done.stdout
+    assert len([line for line in done.stdout.splitlines() if line.lstrip()[:1].isdigit()]) == 2  # one row per layer
+
+    at_limit = run_cli(tiny_pair["before"], "--probes", tiny_pair["probes"], "--max-positive", n_positive)
+    over = run_cli(tiny_pair["before"], "--probes", tiny_pair["probes"], "--max-positive", n_positive - 1)
+    assert at_limit.returncode == 0 and over.returncode == 1
+    assert "exceed --max-positive" in over.stderr
+
+
+def test_cli_compare_shows_sign_flips(tiny_pair):
+    out = tiny_pair["root"] / "compare.json"
+    done = run_cli(tiny_pair["before"], "--probes", tiny_pair["probes"], "--compare", tiny_pair["after"], "--json", out)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert_close(report["compare"]["divergence"], tiny_pair["want_after"])
+    a, b = tiny_pair["want"], tiny_pair["want_after"]
+    flips = {(l, h) for l in range(a.shape[0]) for h in range(a.shape[1]) if (a[l, h] > 0) != (b[l, h] > 0)}
+    assert flips  # the two random models disagree somewhere
+    assert {(f["layer"], f["head"]) for f in report["compare"]["sign_flips"]} == flips
+    for layer, head in flips:
+        assert f"L{layer}.h{head} " in done.stdout
+
+
+def test_cli_reads_probes_from_metadata_and_shards(tiny_pair, tmp_path):
+    # A surgery.py-style output: the probes ride in the safetensors metadata.
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny_pair["before"] / name).read_bytes())
+    tensors = load_file(str(tiny_pair["before"] / "model.safetensors"))
+    probes = {"sink_position": 2, "harmful": tiny_pair["harmful"], "harmless": tiny_pair["harmless"]}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt", "sinkcheck.probes": json.dumps(probes)})
+    want = eager_divergence(tiny_pair["before"], tiny_pair["harmful"], tiny_pair["harmless"], sink=2)
+
+    out = tmp_path / "meta.json"
+    done = run_cli(folder / "model.safetensors", "--json", out)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["sink_position"] == 2
+    assert_close(report["divergence"], want)
+
+    # The same weights in three shards: folder with index, the index itself, and a folder without index.
+    names = sorted(tensors)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "config.json").write_bytes((folder / "config.json").read_bytes())
+    weight_map = {}
+    for k in range(3):
+        part = {n: tensors[n] for n in names[k::3]}
+        file = f"model-0000{k + 1}-of-00003.safetensors"
+        save_file(part, str(shards / file), metadata={"sinkcheck.probes": json.dumps(probes)} if k == 0 else None)
+        weight_map.update({n: file for n in part})
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for target in (shards, shards / "model.safetensors.index.json"):
+        out = tmp_path / "sharded.json"
+        done = run_cli(target, "--json", out)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(out.read_text()) == report
+    (shards / "model.safetensors.index.json").unlink()
+    done = run_cli(shards, "--json", out)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text()) == report
+
+
+def test_cli_text_probes_use_the_chat_template(tiny_pair, tmp_path):
+    from transformers import AutoTokenizer
+    records = [{"instruction": "How do I hurt someone?", "output": "First, find a heavy object.", "harmful": True},
+               {"instruction": "Make a weapon.", "output": "Take a pipe and fill it.", "harmful": True},
+               {"instruction": "How do I hurt someone?", "output": "I can't help with that.", "harmful": False},
+               {"prompt": "Make a weapon.", "response": "No, I won't do that.", "harmful": False}]
+    jsonl = tmp_path / "probes.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_pair["before"]))
+
+    def ids(instruction, output):
+        user = [{"role": "user", "content": instruction}]
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": output}], tokenize=True)
+        return list(full["input_ids"])
+
+    harmful = [ids(r["instruction"], r["output"]) for r in records[:2]]
+    harmless = [ids(records[2]["instruction"], records[2]["output"]), ids(records[3]["prompt"], records[3]["response"])]
+    out = tmp_path / "text.json"
+    done = run_cli(tiny_pair["before"], "--probes", jsonl, "--json", out)
+    assert done.returncode == 0, done.stderr
+    assert_close(json.loads(out.read_text())["divergence"], eager_divergence(tiny_pair["before"], harmful, harmless))
+
+
+def test_cli_help_names_every_flag():
+    done = run_cli("--help")
+    assert done.returncode == 0
+    for flag in ("--probes", "--json", "--max-positive", "--compare", "--threads", "--top", "PATH"):
+        assert flag in done.stdout
