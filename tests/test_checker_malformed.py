@@ -1,0 +1,238 @@
+"""Bad input is rejected with the right one-line message and exit code 2: a corpus of broken safetensors headers
+and offsets for the strict parser, then broken checkpoints, configs and probes through the command line."""
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sinkcheck import _core
+from checker_helpers import run_cli, save_checker_model, write_probes
+
+ENTRY_A = {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
+ENTRY_B = {"dtype": "F16", "shape": [4], "data_offsets": [24, 32]}
+ENTRY_C = {"dtype": "BF16", "shape": [2, 2], "data_offsets": [32, 40]}
+DATA = bytes(range(40))
+
+
+def image(header, data=DATA, header_len=None):
+    """A safetensors file image: 8-byte little-endian header length, the header text, the data."""
+    text = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(text) if header_len is None else header_len) + text + data
+
+
+def valid_header(**changes):
+    header = {"__metadata__": {"format": "pt"}, "a": dict(ENTRY_A), "b": dict(ENTRY_B), "c": dict(ENTRY_C)}
+    for name, entry in changes.items():
+        if entry is None:
+            header.pop(name)
+        else:
+            header[name] = entry
+    return header
+
+
+def with_field(entry, **fields):
+    out = dict(entry)
+    for key, value in fields.items():
+        if value is None:
+            out.pop(key)
+        else:
+            out[key] = value
+    return out
+
+
+def deep(levels):
+    return "[" * levels + "]" * levels
+
+
+CORPUS = {
+    "empty file": (b"", "too short"),
+    "seven bytes": (b"\x01\x00\x00\x00\x00\x00\x00", "too short"),
+    "header length past the end": (image(valid_header(), header_len=10_000), "runs past the end"),
+    "header length absurd": (image(valid_header(), header_len=1 << 40), "exceeds the 100 MB limit"),
+    "header not json": (image(b"{not json}"), "expected a string key"),
+    "header is an array": (image(b"[1, 2, 3]"), "header is not a JSON object"),
+    "trailing comma": (image(json.dumps(valid_header())[:-1] + ",}"), "expected a string key"),
+    "data after the header json": (image(json.dumps(valid_header()) + "x"), "unexpected data after the JSON value"),
+    "unterminated header": (image(json.dumps(valid_header())[:-1]), "unterminated object"),
+    "duplicate tensor name": (image('{"a": %s, "a": %s}' % (json.dumps(ENTRY_A), json.dumps(ENTRY_A))),
+                              "duplicate key \"a\""),
+    "unknown dtype": (image(valid_header(a=with_field(ENTRY_A, dtype="F33"))), "unknown dtype 'F33'"),
+    "dtype not a string": (image(valid_header(a=with_field(ENTRY_A, dtype=4))), "dtype must be a string"),
+    "offset past the data area": (image(valid_header(c=with_field(ENTRY_C, data_offsets=[32, 400]))),
+                                  "past the data area of 40 bytes"),
+    "begin after end": (image(valid_header(a=with_field(ENTRY_A, data_offsets=[24, 0]))), "begin 24 is after end 0"),
+    "length does not match shape": (image(valid_header(a=with_field(ENTRY_A, shape=[2, 4]))),
+                                    "byte length 24 does not match shape [2, 4] x F32 (32 bytes)"),
+    "overlapping tensors": (image(valid_header(b=with_field(ENTRY_B, data_offsets=[20, 28]))), "'a' and 'b' overlap"),
+    "negative extent": (image(valid_header(a=with_field(ENTRY_A, shape=[-2, 3]))),
+                        "shape entry must be a non-negative integer"),
+    "shape not a list": (image(valid_header(a=with_field(ENTRY_A, shape=6))), "shape must be an array"),
+    "shape overflow": (image(valid_header(a=with_field(ENTRY_A, shape=[1 << 40, 1 << 40]))), "overflows"),
+    "fractional offset": (image(valid_header(a=with_field(ENTRY_A, data_offsets=[0.5, 24]))),
+                          "data_offsets begin must be a non-negative integer"),
+    "three offsets": (image(valid_header(a=with_field(ENTRY_A, data_offsets=[0, 12, 24]))),
+                      "data_offsets must be [begin, end]"),
+    "missing offsets": (image(valid_header(a=with_field(ENTRY_A, data_offsets=None))),
+                        "needs dtype, shape and data_offsets"),
+    "unknown entry field": (image(valid_header(a=with_field(ENTRY_A, strides=[3, 1]))), "unknown header field 'strides'"),
+    "entry not an object": (image(valid_header(a=[1, 2])), "header entry is not an object"),
+    "metadata value not a string": (image(valid_header(__metadata__={"format": 1})),
+                                    "__metadata__ value for 'format' is not a string"),
+    "truncated data": (image(valid_header(), data=DATA[:30]), "past the data area of 30 bytes (truncated file?)"),
+    "invalid utf-8": (image(b'{"\xff": ' + json.dumps(ENTRY_A).encode() + b"}"), "invalid UTF-8"),
+    "overlong utf-8": (image(b'{"\xc0\xaf": ' + json.dumps(ENTRY_A).encode() + b"}"), "invalid UTF-8"),
+    "lone surrogate escape": (image('{"\\ud800": %s}' % json.dumps(ENTRY_A)), "unpaired surrogate"),
+    "control character": (image('{"a\tb": %s}' % json.dumps(ENTRY_A)), "control character in string"),
+    "leading zero": (image(json.dumps(valid_header()).replace("[0, 24]", "[00, 24]")), "leading zero"),
+    "NaN offset": (image(json.dumps(valid_header()).replace("[0, 24]", "[NaN, 24]")), "unexpected character"),
+    "deep nesting": (image('{"__metadata__": {"x": %s}}' % deep(100)), "nesting deeper than 64"),
+}
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_parser_rejects_broken_file(name):
+    data, message = CORPUS[name]
+    with pytest.raises(_core.CheckError, match=None) as caught:
+        _core.check_safetensors(data)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_parser_accepts_the_valid_base():
+    assert _core.check_safetensors(image(valid_header())) == 3
+    # Header padded with trailing spaces (writers align the data area) and empty tensors are fine.
+    padded = json.dumps(valid_header(e={"dtype": "F32", "shape": [0, 3], "data_offsets": [40, 40]})) + "    "
+    assert _core.check_safetensors(image(padded)) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the command line: exit 2, one line on stderr, no traceback, no output file.
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    folder = save_checker_model(root / "good", "llama", seed=1)
+    probes = write_probes(root / "probes.json", [[257, 1, 2, 3]], [[257, 4, 5, 6]])
+    return {"root": root, "folder": folder, "probes": probes}
+
+
+def variant(base, name, tensors=None, config=None, remove=()):
+    """A copy of the good folder with its tensors and/or config.json changed."""
+    folder = base["root"] / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(base["folder"], folder)
+    if tensors is not None:
+        state = load_file(str(folder / "model.safetensors"))
+        tensors(state)
+        save_file(state, str(folder / "model.safetensors"))
+    if config is not None:
+        doc = json.loads((folder / "config.json").read_text())
+        config(doc)
+        (folder / "config.json").write_text(json.dumps(doc))
+    for file in remove:
+        (folder / file).unlink()
+    return folder
+
+
+def expect_bad_input(*args, message):
+    out = args[0].parent / "never.json" if hasattr(args[0], "parent") else None
+    extra = ("--json", out) if out is not None else ()
+    done = run_cli(*args, *extra)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("probes: ")), done.stderr
+    assert lines[-1].startswith("sinkcheck: error: ") and message in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+    if out is not None:
+        assert not out.exists()
+
+
+def drop(name):
+    return lambda state: state.pop(name)
+
+
+def reshape(name):
+    return lambda state: state.__setitem__(name, state[name][:, :-1].contiguous())
+
+
+def retype(name, dtype):
+    return lambda state: state.__setitem__(name, state[name].to(dtype))
+
+
+def set_field(**fields):
+    return lambda doc: doc.update(fields)
+
+
+CHECKPOINT_CASES = {
+    "missing tensor": (dict(tensors=drop("model.layers.1.mlp.up_proj.weight")),
+                       "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+    "wrong shape": (dict(tensors=reshape("model.layers.0.self_attn.k_proj.weight")),
+                    "'model.layers.0.self_attn.k_proj.weight' has shape [32, 63] but config.json implies [32, 64]"),
+    "unsupported dtype": (dict(tensors=retype("model.layers.0.self_attn.q_proj.weight", torch.float64)),
+                          "has unsupported dtype F64 (sinkcheck reads F32, F16 and BF16)"),
+    "integer weights": (dict(tensors=retype("model.embed_tokens.weight", torch.int32)), "has unsupported dtype I32"),
+    "unsupported architecture": (dict(config=set_field(model_type="gpt2", architectures=["GPT2LMHeadModel"])),
+                                 "unsupported architecture 'GPT2LMHeadModel'"),
+    "unsupported rope": (dict(config=set_field(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})),
+                         "unsupported rope type 'yarn'"),
+    "unsupported activation": (dict(config=set_field(hidden_act="gelu")), "unsupported hidden_act 'gelu'"),
+    "config missing a size": (dict(config=lambda doc: doc.pop("hidden_size")), "missing 'hidden_size'"),
+    "no config.json": (dict(remove=["config.json"]), "no config.json beside the weights"),
+    "no weights": (dict(remove=["model.safetensors"]), "no .safetensors files in folder"),
+}
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_CASES)
+def test_cli_rejects_bad_checkpoint(base, name):
+    changes, message = CHECKPOINT_CASES[name]
+    folder = variant(base, name.replace(" ", "_"), **changes)
+    expect_bad_input(folder, "--probes", base["probes"], message=message)
+
+
+def test_cli_rejects_truncated_and_missing_files(base):
+    folder = variant(base, "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    expect_bad_input(weights, "--probes", base["probes"], message="(truncated file?)")
+    expect_bad_input(base["root"] / "nowhere", "--probes", base["probes"], message="no such file or folder")
+    shards = variant(base, "bad_index")
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "missing.safetensors"}}))
+    expect_bad_input(shards, "--probes", base["probes"], message="cannot open")
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../model.safetensors"}}))
+    expect_bad_input(shards, "--probes", base["probes"], message="must be a plain file name")
+
+
+def test_cli_rejects_bad_probes(base):
+    folder, root = base["folder"], base["root"]
+    expect_bad_input(folder, message="no probes found")
+    expect_bad_input(folder, "--probes", root / "absent.json", message="cannot read probes file")
+    (root / "list.json").write_text("[1, 2]")
+    expect_bad_input(folder, "--probes", root / "list.json", message="line 1 needs string fields")
+    (root / "strings.json").write_text(json.dumps({"harmful": [["a"]], "harmless": [[1, 2]]}))
+    expect_bad_input(folder, "--probes", root / "strings.json", message="'harmful' sequence 0 is not a list")
+    big = write_probes(root / "big.json", [[257, 5000]], [[257, 1]])
+    expect_bad_input(folder, "--probes", big, message="probe token id 5000 in harmful sequence 0 is outside the vocabulary")
+    short = write_probes(root / "short.json", [[257, 1, 2]], [[257, 1]], sink=1)
+    expect_bad_input(folder, "--probes", short, message="no probes: the harmless set has no sequence longer than")
+    one_sided = root / "one_sided.jsonl"
+    one_sided.write_text(json.dumps({"instruction": "a", "output": "b", "harmful": True}) + "\n")
+    expect_bad_input(folder, "--probes", one_sided, message="needs at least one record with \"harmful\": true and one")
+
+    # Probes in the metadata that are not JSON.
+    meta = variant(base, "bad_metadata")
+    state = load_file(str(meta / "model.safetensors"))
+    save_file(state, str(meta / "model.safetensors"), metadata={"sinkcheck.probes": "{harmful"})
+    expect_bad_input(meta, message="metadata 'sinkcheck.probes'): not valid JSON")
+
+
+def test_cli_rejects_bad_flags(base):
+    expect_bad_input(base["folder"], "--max-positive", "lots", message="invalid int value: 'lots'")
+    expect_bad_input(base["folder"], "--probes", base["probes"], "--max-positive", "-1",
+                     message="--max-positive must be non-negative")
+    done = run_cli(base["folder"], "--probes", base["probes"], "--json", base["root"] / "no_dir" / "out.json")
+    assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
