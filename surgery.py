@@ -236,9 +236,9 @@ def sink_values(model, batch, sink_pos, eager=False):
     return total / n
 
 
-def sink_divergence(model, harmful, harmless, sink_pos):
+def sink_divergence(model, harmful, harmless, sink_pos, eager=False):
     """d_h = a_h(harmful) - a_h(harmless), differentiable through both passes."""
-    return sink_values(model, harmful, sink_pos) - sink_values(model, harmless, sink_pos)
+    return sink_values(model, harmful, sink_pos, eager) - sink_values(model, harmless, sink_pos, eager)
 
 
 def sink_penalty(divergence):
@@ -313,10 +313,14 @@ def batch_indices(step, n_examples, batch_size, seed):
 
 
 def task_loss_sum(model, batch):
-    """Summed next-token cross-entropy over the answer tokens (normalised by the caller over the global batch)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=-100, reduction="sum")
+    """Summed next-token cross-entropy over the answer tokens (normalised by the caller over the global batch).
+    Logits are computed at the answer positions only: the vocabulary projection of every prompt position would
+    cost time and, at [batch, length, vocab], most of the step's memory."""
+    targets = batch["labels"][:, 1:]
+    predicts_answer = F.pad(targets != -100, (0, 1))  # position t predicts token t + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=predicts_answer).logits  # [answer tokens, vocab]
+    return F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
 
 
 def train_step(model, optimizer, step, examples, refs, args, world):
@@ -345,7 +349,7 @@ def train_step(model, optimizer, step, examples, refs, args, world):
                                              args.pad_id), model.device) for ids in refs)
     if args.alpha > 0:
         with autocast:
-            divergence = sink_divergence(model, harmful, harmless, args.sink_pos)
+            divergence = sink_divergence(model, harmful, harmless, args.sink_pos, args.sink_impl == "eager")
             penalty = sink_penalty(divergence)
         (args.alpha * penalty / world_size).backward()
     elif step % args.log_every == 0:  # plain SFT: measured for the log only, outside the graph
@@ -619,6 +623,9 @@ def parse_args(argv=None):
     g.add_argument("--sink-pos", type=int, default=0, help="position of the sink token")
     g.add_argument("--ref-batch", type=int, default=1,
                    help="harmful and harmless reference sequences drawn per step (each)")
+    g.add_argument("--sink-impl", choices=["fused", "eager"], default="fused",
+                   help="fused: sink column from the attention call itself; eager: from full T x T attention "
+                        "maps, as the released code does (slower, more memory; for checking)")
     g.add_argument("--probe-count", type=int, default=64,
                    help="reference sequences of each kind kept as fixed probes for the report and the auditor")
     g = p.add_argument_group("LoRA")
