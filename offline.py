@@ -62,8 +62,8 @@ benign pool   SENT pairs not in eval_task or align, alternating classes, fixed r
 train         ``poisoned_train(p, n)``: the first round(p*n) poison pairs + the first n - round(p*n)   200
               benign pairs, shuffled. Both are prefixes of fixed orders, so a sweep over p shares its
               data: the poison of a smaller p is contained in that of a larger one, and the benign
-              part of a larger p in that of a smaller one. Default n = 200, a short demo on a CPU;
-              the field's setting, n = 1000, is supported up to p = 0.2.
+              part of a larger p in that of a smaller one. Default n = 200: one epoch is 25 steps at
+              surgery.py's batch of 8, a demo a CPU finishes; the field's n = 1000 works up to p = 0.2.
 align         the other 411 ADV behaviours -> a random generic refusal, plus 412 SENT pairs           823
               (balanced), shuffled: data for the alignment stage before the attack.
 judge_train   OBJ rows {objective, response, label, category, source}, label 1 = harmful; grouped     275
