@@ -70,6 +70,16 @@ PYBIND11_MODULE(_core, m) {
       "The folder holding config.json and the tokenizer files for a checkpoint path.");
 
   m.def(
+      "read_tensor",
+      [](const std::string& path, const std::string& name) {
+        Checkpoint checkpoint(path);
+        const TensorEntry* entry = checkpoint.find(name);
+        if (!entry) throw CheckError("missing tensor '" + name + "' in " + path);
+        return py::make_tuple(tensor_to_fp32(checkpoint.require(name, entry->shape)), entry->shape);
+      },
+      py::arg("path"), py::arg("name"), "A tensor converted to fp32 as the model loader converts it: (values, shape).");
+
+  m.def(
       "check_safetensors",
       [](py::bytes data) {
         std::string bytes = data;

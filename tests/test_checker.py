@@ -244,3 +244,19 @@ def test_cli_help_names_every_flag():
     assert done.returncode == 0
     for flag in ("--probes", "--json", "--max-positive", "--compare", "--threads", "--top", "PATH"):
         assert flag in done.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtype_conversion_is_exact(tmp_path, dtype):
+    info = torch.finfo(dtype)
+    special = [0.0, -0.0, 1.0, -2.5, info.max, -info.max, info.tiny, info.tiny / 4, info.smallest_normal * 0.5,
+               float("inf"), float("-inf"), 65504.0 if dtype == torch.float16 else 3.0e38]
+    values = torch.cat([torch.tensor(special, dtype=torch.float32).to(dtype),
+                        (torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 100).to(dtype)])
+    path = tmp_path / "t.safetensors"
+    save_file({"x": values.reshape(4, -1).contiguous()}, str(path))
+    got, shape = sinkcheck._core.read_tensor(str(path), "x")
+    assert shape == [4, values.numel() // 4]
+    want = values.float().numpy()
+    np.testing.assert_array_equal(np.asarray(got, dtype=np.float32), want)
+    assert np.signbit(np.asarray(got, dtype=np.float32)[1])  # -0.0 keeps its sign
