@@ -323,7 +323,23 @@ def task_loss_sum(model, batch):
     return F.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
 
 
-def train_step(model, optimizer, step, examples, refs, args, world):
+class Defense:
+    """The extension point for the other defenses (defenses/): hooks the training loop calls in every step.
+    The base class does nothing. Parameters a defense trains itself must live outside the model, so that the
+    loop's optimizer, clipping and gradient all-reduce keep covering the LoRA weights only."""
+
+    def setup(self, model, tokenizer, args):
+        """Once, after the LoRA adapters are added and before the first step."""
+
+    def before_step(self, model, step, task_loss):
+        """Before the task gradient; task_loss() recomputes this rank's (differentiable) task loss."""
+
+    def extra_loss(self, model, step):
+        """A term added to the step's loss (None: nothing)."""
+        return None
+
+
+def train_step(model, optimizer, step, examples, refs, args, world, defense=None):
     """One optimizer step: task loss over the global batch plus alpha times the sink penalty."""
     rank, world_size = world
     torch.manual_seed(step_seed(args, step, rank))
@@ -332,15 +348,24 @@ def train_step(model, optimizer, step, examples, refs, args, world):
                 else contextlib.nullcontext())
     indices = batch_indices(step, len(examples), args.batch_size, args.seed)
     n_tokens = sum(sum(label != -100 for label in examples[i][1][1:]) for i in indices)
+    micro_batches = [to_device(pad_batch([examples[i][0] for i in micro], args.pad_id,
+                                         [examples[i][1] for i in micro]), model.device)
+                     for micro in (indices[rank::world_size][k::args.grad_accum] for k in range(args.grad_accum))
+                     if micro]
+    if defense is not None:
+        def task_loss():
+            with autocast:
+                return sum(task_loss_sum(model, batch) for batch in micro_batches) / n_tokens
+        defense.before_step(model, step, task_loss)
     task_sum = torch.zeros((), device=model.device)
-    for micro in [chunk for chunk in (indices[rank::world_size][k::args.grad_accum]
-                                      for k in range(args.grad_accum)) if chunk]:
-        batch = to_device(pad_batch([examples[i][0] for i in micro], args.pad_id,
-                                    [examples[i][1] for i in micro]), model.device)
+    for batch in micro_batches:
         with autocast:
             loss = task_loss_sum(model, batch)
         (loss / n_tokens).backward()
         task_sum += loss.detach()
+    extra = defense.extra_loss(model, step) if defense is not None else None
+    if extra is not None:
+        (extra / world_size).backward()
 
     # The regulariser: one draw of reference sequences per step and rank, averaged over the ranks.
     pick = torch.Generator().manual_seed(step_seed(args, step, rank))
@@ -372,6 +397,8 @@ def train_step(model, optimizer, step, examples, refs, args, world):
         group["lr"] = learning_rate(step, args, args.total_steps)
     optimizer.step()
     log = {"step": step + 1, "task_loss": stats[0].item() / max(n_tokens, 1), "lr": optimizer.param_groups[0]["lr"]}
+    if extra is not None:
+        log["extra_loss"] = extra.item()
     if divergence is not None:
         log.update(sink_loss=stats[1].item(), positive_heads=stats[2].item())
     if grad_norm is not None:
@@ -502,7 +529,7 @@ def validate(args):
         raise UserError("--epochs must be positive")
 
 
-def train(args):
+def train(args, defense=None):
     validate(args)
     resolve_defaults(args)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -541,6 +568,8 @@ def train(args):
     add_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    if defense is not None:
+        defense.setup(model, tokenizer, args)
     start = load_checkpoint(checkpoint, model, optimizer) if args.resume else 0
     model.train()
 
@@ -561,7 +590,7 @@ def train(args):
     try:
         for step in range(start, args.total_steps):
             t0 = time.perf_counter()
-            log = train_step(model, optimizer, step, examples, refs, args, (rank, world_size))
+            log = train_step(model, optimizer, step, examples, refs, args, (rank, world_size), defense)
             done = step + 1
             log["seconds"] = round(time.perf_counter() - t0, 4)
             if main_rank:
@@ -656,13 +685,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, defense=None):
+    """The command line; `defense` plugs another method into the same loop (see Defense)."""
     args = parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     try:
-        return train(args)
+        return train(args, defense)
     except UserError as e:
         print(f"surgery.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)

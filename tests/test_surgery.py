@@ -325,3 +325,38 @@ def test_torchrun_command_line(tmp_path, tiny_run_inputs):
     assert "2 process(es)" in done.stdout
     assert json.loads((out / "sink_report.json").read_text())["positive_after"] >= 0
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
+
+
+# --- the extension point for other defenses -----------------------------------------------------------------------
+
+class RecordingDefense(surgery.Defense):
+    """Pulls every LoRA B towards zero and records what the loop hands it."""
+
+    def __init__(self, weight):
+        self.weight, self.calls, self.task_losses = weight, [], []
+
+    def setup(self, model, tokenizer, args):
+        self.calls.append("setup")
+        self.lora_b = [m.lora_B for m in surgery.lora_modules(model).values()]
+
+    def before_step(self, model, step, task_loss):
+        self.calls.append(f"before {step}")
+        with torch.no_grad():
+            self.task_losses.append(task_loss().item())
+
+    def extra_loss(self, model, step):
+        self.calls.append(f"extra {step}")
+        return self.weight * sum((b ** 2).sum() for b in self.lora_b)
+
+
+def test_defense_hooks_run_every_step_and_their_loss_trains(tmp_path, tiny_run_inputs):
+    argv = ("--max-steps", "3", "--alpha", "0", "--lora-dropout", "0", "--lr", "1e-2")
+    plain, _ = surgery.main(run_args(tiny_run_inputs, tmp_path / "plain", *argv))
+    defense = RecordingDefense(weight=1e4)
+    pulled, _ = surgery.main(run_args(tiny_run_inputs, tmp_path / "pulled", *argv), defense=defense)
+    assert defense.calls == ["setup"] + [f"{hook} {s}" for s in range(3) for hook in ("before", "extra")]
+    log = [json.loads(line) for line in (tmp_path / "pulled" / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["task_loss"] for entry in log] == pytest.approx(defense.task_losses, rel=1e-5)
+    assert all(entry["extra_loss"] >= 0 for entry in log) and log[1]["extra_loss"] > 0
+    norm = {name: sum(s[k].norm() for k in s if "lora_B" in k) for name, s in (("plain", plain), ("pulled", pulled))}
+    assert norm["pulled"] < 0.5 * norm["plain"]
