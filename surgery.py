@@ -312,6 +312,12 @@ def batch_indices(step, n_examples, batch_size, seed):
     return order[within * batch_size:(within + 1) * batch_size].tolist()
 
 
+def reference_batch(sequences, count, generator, pad_id, device):
+    """`count` reference sequences drawn with replacement (the released code draws one of each kind per step)."""
+    picks = torch.randint(len(sequences), (count,), generator=generator).tolist()
+    return to_device(pad_batch([sequences[j] for j in picks], pad_id), device)
+
+
 def task_loss_sum(model, batch):
     """Summed next-token cross-entropy over the answer tokens (normalised by the caller over the global batch).
     Logits are computed at the answer positions only: the vocabulary projection of every prompt position would
@@ -368,10 +374,9 @@ def train_step(model, optimizer, step, examples, refs, args, world, defense=None
         (extra / world_size).backward()
 
     # The regulariser: one draw of reference sequences per step and rank, averaged over the ranks.
-    pick = torch.Generator().manual_seed(step_seed(args, step, rank))
-    harmful, harmless = (to_device(pad_batch([ids[j] for j in torch.randint(len(ids), (args.ref_batch,),
-                                                                           generator=pick).tolist()],
-                                             args.pad_id), model.device) for ids in refs)
+    draw = torch.Generator().manual_seed(step_seed(args, step, rank))
+    harmful, harmless = (reference_batch(sequences, args.ref_batch, draw, args.pad_id, model.device)
+                         for sequences in refs)
     if args.alpha > 0:
         with autocast:
             divergence = sink_divergence(model, harmful, harmless, args.sink_pos, args.sink_impl == "eager")
@@ -385,10 +390,13 @@ def train_step(model, optimizer, step, examples, refs, args, world, defense=None
         divergence = penalty = None
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    stats = torch.stack([task_sum, penalty.detach().float() if penalty is not None else task_sum * 0,
-                         (divergence > 0).sum().float() if divergence is not None else task_sum * 0])
+    zero = torch.zeros((), device=model.device)
+    stats = torch.stack([task_sum, penalty.detach().float() if penalty is not None else zero,
+                         (divergence > 0).sum().float() if divergence is not None else zero])
     if world_size > 1:  # data parallel: the gradient of the global batch is the sum of the ranks' gradients
         for p in trainable:
+            if p.grad is None:  # a rank whose share of a small last batch was empty
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
         dist.all_reduce(stats)
         stats[1:] /= world_size
