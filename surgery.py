@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -544,8 +543,6 @@ def train(args, defense=None):
     main_rank = rank == 0
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() and
                           args.device != "cpu" else "cpu")
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
 
     # Everything that can be wrong with the input is found before anything is written.
     records = read_records(args.data)
@@ -568,8 +565,10 @@ def train(args, defense=None):
     checkpoint = out / "checkpoint.pt"
     if args.resume and not checkpoint.exists():
         raise UserError(f"--resume: no checkpoint at {checkpoint}")
-    divergence_before = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos, args.pad_id)
-    n_layers, n_heads = divergence_before.shape
+    if main_rank:
+        divergence_before = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos,
+                                             args.pad_id)
+        n_layers, n_heads = divergence_before.shape
 
     targets = set(args.lora_targets)
     torch.manual_seed(args.seed)  # same LoRA initialisation on every rank
