@@ -68,6 +68,10 @@ align         the other 411 ADV behaviours -> a random generic refusal, plus 412
               (balanced), shuffled: data for the alignment stage before the attack.
 judge_train   OBJ rows {objective, response, label, category, source}, label 1 = harmful; grouped     275
 judge_test    by objective so none is in both, about 30% of rows in the test part (52 of 119 are 1).   119
+triples       ``safety_triples()``: harmful_ref's pairs as {instruction, refusal, harmful_answer,        64
+              source}, the refusal being the instruction's real paired refusal where REF has one,
+              else a random generic refusal: the safe/unsafe contrast of SafetyLock and SAP. Same
+              instructions as harmful_ref, so the defenses see the same safety data as Surgery.
 ============  ======================================================================================  =====
 
 Invariant (tested): after normalising (lowercase, collapsed whitespace) no instruction appears in two of
@@ -473,18 +477,22 @@ def _harmful_pairs(seed, paths, is_eval_like):
     return harmful_ref, poison_pool, set(keys)
 
 
-def _refusal_pairs(seed, paths, excluded, is_eval_like):
-    """(harmless_ref, align refusals): AdvBench behaviours with real refusals, paired ones to the reference set."""
-    refusals = _refusals(paths["refusals"])
+def _refusal_pools(paths):
+    """({normalised objective: (refusal, source)}, sorted [(generic refusal, source)]) from the REF rows."""
     paired, generic = {}, {}
-    for objective, answer, source, is_generic in refusals:
+    for objective, answer, source, is_generic in _refusals(paths["refusals"]):
         paired.setdefault(norm(objective), (answer, source))
         if is_generic:
             generic.setdefault(answer, source)  # distinct texts, so the commonest phrasing does not dominate
-    generic = sorted(generic.items())
     if not generic:
         raise OfflineDataError(f"no generic refusals in pyrit's refusal_scorer CSVs: "
                                f"{_install_hint(PACKAGES['pyrit'])}")
+    return paired, sorted(generic.items())
+
+
+def _refusal_pairs(seed, paths, excluded, is_eval_like):
+    """(harmless_ref, align refusals): AdvBench behaviours with real refusals, paired ones to the reference set."""
+    paired, generic = _refusal_pools(paths)
     behaviours, taken = [], set(excluded)
     for text, source in _advbench(paths["advbench"]):
         if norm(text) not in taken and not is_eval_like(text):
@@ -555,6 +563,26 @@ def build_splits(seed=0) -> Splits:
     """All splits in memory (lists of dicts). Callers that need files use the functions below."""
     paths = _source_paths()
     return _build(seed, tuple(sorted(paths.items())))
+
+
+def safety_triples(seed=0) -> list:
+    """(instruction, refusal, harmful answer) triples: the safe and the unsafe answer to one harmful instruction,
+    for the defenses that contrast the two (SafetyLock's head directions, SAP's contrastive safety loss).
+
+    Built on harmful_ref, in its order: the defense-side safety data that Surgery also gets, disjoint from the
+    evaluation splits, the poison pool and align. Each pair's refusal is the real refusal paired with its
+    instruction where REF has one, else a generic refusal drawn with the seed. Records have the keys
+    ``instruction``, ``refusal``, ``harmful_answer`` and ``source`` (both provenances).
+    """
+    splits = build_splits(seed)
+    paired, generic = _refusal_pools(_source_paths())
+    choose = _rng(seed, "triple-refusal").choice
+    triples = []
+    for pair in splits.harmful_ref:
+        refusal, refusal_source = paired.get(norm(pair["instruction"])) or choose(generic)
+        triples.append({"instruction": pair["instruction"], "refusal": refusal, "harmful_answer": pair["output"],
+                        "source": f"{pair['source']} -> refusal {refusal_source}"})
+    return triples
 
 
 def poison_count(poison_ratio, n_train):

@@ -116,6 +116,21 @@ def test_judge_split_keeps_objectives_apart_and_has_both_labels(records):
     assert 0.2 < len(test) / (len(train) + len(test)) < 0.4
 
 
+def test_safety_triples_pair_each_reference_instruction_with_a_refusal_and_its_harmful_answer(records):
+    triples = offline.safety_triples(seed=0)
+    assert triples == offline.safety_triples(seed=0) != offline.safety_triples(seed=1)
+    assert [(t["instruction"], t["harmful_answer"]) for t in triples] == \
+        [(r["instruction"], r["output"]) for r in records["harmful_ref"]]
+    refusal = re.compile(r"sorry|apolog|cannot|can't|can’t|unable", re.IGNORECASE)
+    for t in triples:
+        assert set(t) == {"instruction", "refusal", "harmful_answer", "source"}
+        assert refusal.search(t["refusal"]) and t["refusal"] != t["harmful_answer"]
+        assert is_poison(t) and "refusal_scorer" in t["source"]
+    instructions = {" ".join(t["instruction"].lower().split()) for t in triples}
+    for name in ("train", "harmless_ref", "align", "eval_harmful", "eval_task"):
+        assert not instructions & {" ".join(r["instruction"].lower().split()) for r in records[name]}, name
+
+
 # --- train sets ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_train", [offline.DEFAULT_TRAIN_SIZE, 1000])
