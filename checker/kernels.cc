@@ -130,11 +130,12 @@ void matmul(ThreadPool& pool, const float* x, size_t x_stride, int rows, const P
             size_t y_stride) {
   if (rows <= 0) return;
   const int n_panels = (w.out + kPanel - 1) / kPanel;
-  const int n_threads = std::min(pool.size(), n_panels);
-  pool.run(n_threads, [&](int task, int) {
-    // Contiguous panel ranges per thread: each thread writes its own output columns.
-    const int first = n_panels * task / n_threads;
-    const int last = n_panels * (task + 1) / n_threads;
+  // A few contiguous panel ranges per thread, taken dynamically: a thread that gets less CPU time
+  // (a busy machine) takes fewer ranges instead of holding everyone up. Each task writes its own columns.
+  const int n_tasks = std::min(n_panels, 4 * pool.size());
+  pool.run(n_tasks, [&](int task, int) {
+    const int first = n_panels * task / n_tasks;
+    const int last = n_panels * (task + 1) / n_tasks;
     for (int m0 = 0; m0 < rows; m0 += kMc) {
       const int mc = std::min(kMc, rows - m0);
       for (int k0 = 0; k0 < w.in; k0 += kKc) {
