@@ -191,24 +191,68 @@ float exp_shift_sum(float* x, int n, float max) {
   return sum;
 }
 
-float dot(const float* a, const float* b, int n) {
-  f32x8 acc0 = splat(0.0f), acc1 = splat(0.0f);
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 += load8(a + i) * load8(b + i);
-    acc1 += load8(a + i + 8) * load8(b + i + 8);
+void attention_scores(const float* q, const float* keys, size_t stride, int n, int dim, float scale, float* out) {
+  const int vec_end = dim - dim % 8;
+  int j = 0;
+  // Four keys at a time: four independent accumulator chains hide the FMA latency.
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = keys + size_t(j) * stride;
+    const float* k1 = k0 + stride;
+    const float* k2 = k1 + stride;
+    const float* k3 = k2 + stride;
+    f32x8 a0 = splat(0.0f), a1 = splat(0.0f), a2 = splat(0.0f), a3 = splat(0.0f);
+    for (int d = 0; d < vec_end; d += 8) {
+      const f32x8 qv = load8(q + d);
+      a0 += qv * load8(k0 + d);
+      a1 += qv * load8(k1 + d);
+      a2 += qv * load8(k2 + d);
+      a3 += qv * load8(k3 + d);
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (int d = vec_end; d < dim; ++d) {
+      s0 += q[d] * k0[d];
+      s1 += q[d] * k1[d];
+      s2 += q[d] * k2[d];
+      s3 += q[d] * k3[d];
+    }
+    out[j] = s0 * scale;
+    out[j + 1] = s1 * scale;
+    out[j + 2] = s2 * scale;
+    out[j + 3] = s3 * scale;
   }
-  for (; i + 8 <= n; i += 8) acc0 += load8(a + i) * load8(b + i);
-  float sum = hsum(acc0 + acc1);
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+  for (; j < n; ++j) {
+    const float* k = keys + size_t(j) * stride;
+    f32x8 acc = splat(0.0f);
+    for (int d = 0; d < vec_end; d += 8) acc += load8(q + d) * load8(k + d);
+    float s = hsum(acc);
+    for (int d = vec_end; d < dim; ++d) s += q[d] * k[d];
+    out[j] = s * scale;
+  }
 }
 
-void axpy(float a, const float* x, float* y, int n) {
-  int i = 0;
-  const f32x8 av = splat(a);
-  for (; i + 8 <= n; i += 8) store8(y + i, load8(y + i) + av * load8(x + i));
-  for (; i < n; ++i) y[i] += a * x[i];
+void weighted_sum(const float* weights, const float* values, size_t stride, int n, int dim, float* out) {
+  // 32 output dims at a time stay in registers while every value row streams past.
+  int d0 = 0;
+  for (; d0 + 32 <= dim; d0 += 32) {
+    f32x8 a0 = splat(0.0f), a1 = splat(0.0f), a2 = splat(0.0f), a3 = splat(0.0f);
+    for (int j = 0; j < n; ++j) {
+      const float* v = values + size_t(j) * stride + d0;
+      const f32x8 w = splat(weights[j]);
+      a0 += w * load8(v);
+      a1 += w * load8(v + 8);
+      a2 += w * load8(v + 16);
+      a3 += w * load8(v + 24);
+    }
+    store8(out + d0, a0);
+    store8(out + d0 + 8, a1);
+    store8(out + d0 + 16, a2);
+    store8(out + d0 + 24, a3);
+  }
+  for (; d0 < dim; ++d0) {
+    float acc = 0.0f;
+    for (int j = 0; j < n; ++j) acc += weights[j] * values[size_t(j) * stride + d0];
+    out[d0] = acc;
+  }
 }
 
 }  // namespace sinkcheck

@@ -36,8 +36,10 @@ void silu_mul(float* gate, const float* up, size_t n);
 // In place: x[i] = exp(x[i] - max), returns the sum. Accurate to about 1 ulp.
 float exp_shift_sum(float* x, int n, float max);
 
-float dot(const float* a, const float* b, int n);
-// y += a * x
-void axpy(float a, const float* x, float* y, int n);
+// Attention scores of one query against n keys: out[j] = q . keys[j * stride .. + dim] * scale.
+void attention_scores(const float* q, const float* keys, size_t stride, int n, int dim, float scale, float* out);
+
+// out[0..dim) = sum_j weights[j] * values[j * stride .. + dim]: the attention output of one query.
+void weighted_sum(const float* weights, const float* values, size_t stride, int n, int dim, float* out);
 
 }  // namespace sinkcheck

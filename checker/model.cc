@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <limits>
 
 #include "errors.h"
 #include "rope.h"
@@ -143,17 +142,12 @@ void Model::attention(const std::vector<BatchItem>& batch, int layer, int sink, 
       const float* q = s.q.data() + r * q_dim + size_t(h) * hd;
       const int lo = window > 0 ? std::max(0, i - window + 1) : 0;
       const int n = i - lo + 1;
-      float max = -std::numeric_limits<float>::infinity();
-      for (int t = 0; t < n; ++t) {
-        scores[t] = dot(q, keys + size_t(lo + t) * kv_dim, hd) * scale;
-        max = std::max(max, scores[t]);
-      }
+      attention_scores(q, keys + size_t(lo) * kv_dim, kv_dim, n, hd, scale, scores);
+      const float max = *std::max_element(scores, scores + n);
       const float inv_sum = 1.0f / exp_shift_sum(scores, n, max);
-      sink_row[size_t(i) * c.n_heads + h] = (sink >= lo && sink <= i) ? scores[sink - lo] * inv_sum : 0.0f;
-      if (!need_output) continue;
-      float* out = s.att.data() + r * q_dim + size_t(h) * hd;
-      std::fill(out, out + hd, 0.0f);
-      for (int t = 0; t < n; ++t) axpy(scores[t] * inv_sum, values + size_t(lo + t) * kv_dim, out, hd);
+      for (int t = 0; t < n; ++t) scores[t] *= inv_sum;  // softmax probabilities
+      sink_row[size_t(i) * c.n_heads + h] = (sink >= lo && sink <= i) ? scores[sink - lo] : 0.0f;
+      if (need_output) weighted_sum(scores, values + size_t(lo) * kv_dim, kv_dim, n, hd, s.att.data() + r * q_dim + size_t(h) * hd);
     }
   });
 }
