@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Training-step cost of Surgery: (a) plain LoRA SFT, (b) Surgery with the fused sink column, (c) Surgery from
-eager attention maps as the released code does. Same model, batch and sequence length; each variant runs in its
-own process so its peak memory is its own. Prints the ratios (b)/(a) and (c)/(a).
+eager attention maps as the released code does. Same model, batch and sequence length. Prints the ratios
+(b)/(a) and (c)/(a) of median step time and of peak memory.
 
-    python bench/bench_train.py [--model M] [--batch-size 8] [--seq-len 256] [--steps 8]
+    python bench/bench_train.py [--model M] [--batch-size 8] [--seq-len 256] [--rounds 6]
 
-Peak memory is the process's peak resident set on CPU (model, optimizer and activations together) and
-torch.cuda.max_memory_allocated on a GPU.
+Step time: one process runs the three variants interleaved (a round is one step of each, in rotating order),
+so load from other processes falls on all three alike; the median over rounds is compared. Peak memory: each
+variant runs a few steps in a process of its own, so its peak is its own: the process's peak resident set on
+CPU (model, optimizer and activations together), torch.cuda.max_memory_allocated on a GPU.
 """
 import argparse
 import json
@@ -14,7 +16,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,41 +42,54 @@ def long_records(records, tokenizer, seq_len):
     return out
 
 
-def run_variant(variant, args):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = surgery.load_model(args.model, device)
-    import offline
-    data = offline.default_data()
-    n = args.batch_size * (args.steps + args.warmup)
-    task = long_records(surgery.read_records(data["train"]) * 20, tokenizer, args.seq_len)[:n]
-    harmful = long_records(surgery.read_records(data["harmful_ref"]), tokenizer, args.seq_len)
-    harmless = long_records(surgery.read_records(data["harmless_ref"]) * 5, tokenizer, args.seq_len)
-    examples = [surgery.encode(tokenizer, r, args.seq_len) for r in task]
-    assert len(examples) == n and all(len(ids) == args.seq_len for ids, _ in examples), "not enough bench data"
-    refs = tuple([surgery.encode(tokenizer, r, args.seq_len)[0] for r in recs] for recs in (harmful, harmless))
-    run = surgery.parse_args(["--batch-size", str(args.batch_size), "--alpha", "0" if variant == "a" else "300",
-                              "--sink-impl", "eager" if variant == "c" else "fused", "--max-len", str(args.seq_len),
-                              "--log-every", str(10 ** 9)])
-    run.pad_id, run.total_steps = tokenizer.pad_token_id, args.steps + args.warmup
-    if variant == "c":  # the released code keeps every attention map: eager attention throughout
-        model.set_attn_implementation("eager")
-    surgery.add_lora(model, set(run.lora_targets), run.lora_rank, run.lora_alpha, run.lora_dropout)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr)
-    model.train()
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
+class Bench:
+    """The model with LoRA, the task examples and the references of every variant."""
+
+    def __init__(self, args):
+        import offline
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, tokenizer = surgery.load_model(args.model, self.device)
+        data = offline.default_data()
+        task = long_records(surgery.read_records(data["train"]) * 20, tokenizer, args.seq_len)
+        harmful = long_records(surgery.read_records(data["harmful_ref"]), tokenizer, args.seq_len)
+        harmless = long_records(surgery.read_records(data["harmless_ref"]) * 5, tokenizer, args.seq_len)
+        self.examples = [surgery.encode(tokenizer, r, args.seq_len) for r in task]
+        self.refs = tuple([surgery.encode(tokenizer, r, args.seq_len)[0] for r in recs]
+                          for recs in (harmful, harmless))
+        assert all(len(ids) == args.seq_len for ids, _ in self.examples), "bench data shorter than --seq-len"
+        self.run = surgery.parse_args(["--batch-size", str(args.batch_size), "--max-len", str(args.seq_len),
+                                       "--log-every", str(10 ** 9)])
+        self.run.pad_id, self.run.total_steps = tokenizer.pad_token_id, 10 ** 6
+        surgery.add_lora(self.model, set(self.run.lora_targets), self.run.lora_rank, self.run.lora_alpha,
+                         self.run.lora_dropout)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        self.model.train()
+        self.step_index = 0
+
+    def step(self, variant):
+        """One training step of a variant; returns its seconds."""
+        self.run.alpha = 0.0 if variant == "a" else 300.0
+        self.run.sink_impl = "eager" if variant == "c" else "fused"
+        # The released code keeps every attention map: eager attention for the whole step.
+        self.model.set_attn_implementation("eager" if variant == "c" else surgery.SINK_ATTENTION)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        surgery.train_step(model, optimizer, step, examples, refs, run, (0, 1))
-        if device.type == "cuda":
+        start = time.perf_counter()
+        surgery.train_step(self.model, self.optimizer, self.step_index, self.examples, self.refs, self.run, (0, 1))
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"variant": variant, "step_seconds": statistics.median(times), "peak_bytes": peak,
-            "tokens_per_step": sum(len(examples[i][0]) for i in range(args.batch_size)), "device": str(device)}
+        self.step_index += 1
+        return time.perf_counter() - start
+
+
+def peak_memory(variant, args):
+    """Run in a child process: a few steps of one variant, then its peak memory in bytes."""
+    bench = Bench(args)
+    for _ in range(2):
+        bench.step(variant)
+    if bench.device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main():
@@ -84,33 +98,45 @@ def main():
     p.add_argument("--model", help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--batch-size", type=int, default=8, help="task sequences per step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per task and reference sequence")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one variant, in a child
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds (one step of each variant per round)")
+    p.add_argument("--memory-of", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args()
     if args.model is None:
         import offline
         args.model = str(offline.default_model_dir())
-    if args.variant:
-        print(json.dumps(run_variant(args.variant, args)))
+    if args.memory_of:
+        print(json.dumps({"peak_bytes": peak_memory(args.memory_of, args)}))
         return
-    results = {}
+
+    peaks = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--batch-size",
-               str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+        cmd = [sys.executable, __file__, "--memory-of", variant, "--model", args.model,
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-3000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        r = results[variant]
-        print(f"({variant}) {VARIANTS[variant]:32s} step {r['step_seconds']:.3f} s   "
-              f"peak memory {r['peak_bytes'] / 2**20:8.0f} MiB   ({r['device']})", flush=True)
-    base = results["a"]
+        peaks[variant] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+    bench = Bench(args)
+    for variant in VARIANTS:  # warm-up: first calls pay for allocations and kernel selection
+        bench.step(variant)
+    times = {variant: [] for variant in VARIANTS}
+    order = list(VARIANTS)
+    for round_index in range(args.rounds):
+        for variant in order[round_index % 3:] + order[:round_index % 3]:
+            times[variant].append(bench.step(variant))
+        print(f"round {round_index + 1}/{args.rounds}: " + "  ".join(
+            f"({v}) {times[v][-1]:.2f} s" for v in VARIANTS), file=sys.stderr, flush=True)
+    median = {variant: statistics.median(t) for variant, t in times.items()}
+
+    print(f"{Path(args.model).name} on {bench.device}, batch {args.batch_size} x {args.seq_len} tokens, "
+          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+    for variant, name in VARIANTS.items():
+        print(f"({variant}) {name:30s} median step {median[variant]:7.3f} s   peak memory "
+              f"{peaks[variant] / 2**20:7.0f} MiB")
     for variant in ("b", "c"):
-        r = results[variant]
-        print(f"({variant})/(a): step time {r['step_seconds'] / base['step_seconds']:.3f}   "
-              f"peak memory {r['peak_bytes'] / base['peak_bytes']:.3f}")
+        print(f"({variant})/(a): step time {median[variant] / median['a']:.3f}   "
+              f"peak memory {peaks[variant] / peaks['a']:.3f}")
 
 
 if __name__ == "__main__":
