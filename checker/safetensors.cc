@@ -232,7 +232,7 @@ Checkpoint::Checkpoint(const std::string& path) {
     }
   } else {
     directory_ = target.parent_path().empty() ? std::string(".") : target.parent_path().string();
-    if (target.string().size() >= 5 && target.extension() == ".json") index = target;
+    if (target.extension() == ".json") index = target;
     else shards.push_back(target);
   }
 
