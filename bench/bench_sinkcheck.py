@@ -9,6 +9,7 @@ ratio, and the largest difference between the two divergences.
     .venv/bin/python bench/bench_sinkcheck.py [--threads 2] [--probes 32] [--max-len 256] [--model DIR]
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,13 +43,10 @@ def eager_divergence(model, harmful, harmless):
         return means(harmful) - means(harmless)
 
 
-def best_time(fn, repeats):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
 
 
 def main():
@@ -56,7 +54,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="threads for both torch and sinkcheck (default 2)")
     parser.add_argument("--probes", type=int, default=32, help="harmful and harmless probes each (default 32)")
     parser.add_argument("--max-len", type=int, default=256, help="truncate probes to this many tokens")
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per side; the best counts")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="interleaved timing rounds; the best per side counts (default 2)")
     parser.add_argument("--model", help="model folder (default: offline.default_model_dir(), SmolLM2-135M)")
     args = parser.parse_args()
 
@@ -75,16 +74,23 @@ def main():
 
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager",
                                                      dtype=torch.float32).eval()
-    eager_divergence(reference, harmful[:1], harmless[:1])  # warm-up
-    eager_seconds, want = best_time(lambda: eager_divergence(reference, harmful, harmless), args.repeats)
-
     start = time.perf_counter()
     checker = sinkcheck.Model(str(model_dir), threads=args.threads)
     load_seconds = time.perf_counter() - start
-    checker.sink_divergence(harmful[:1], harmless[:1])  # warm-up
-    run = lambda reuse: checker.sink_divergence(harmful, harmless, 0, reuse_prefixes=reuse)
-    plain_seconds, plain = best_time(lambda: run(False), args.repeats)
-    check_seconds, got = best_time(lambda: run(True), args.repeats)
+    eager_divergence(reference, harmful[:1], harmless[:1])  # warm-up
+    checker.sink_divergence(harmful[:1], harmless[:1])
+
+    # The three measurements take turns in each round, so background load hits them alike; the best round counts.
+    timings = {"eager": [], "plain": [], "default": []}
+    load_before = os.getloadavg()[0]
+    for _ in range(args.repeats):
+        seconds, want = timed(lambda: eager_divergence(reference, harmful, harmless))
+        timings["eager"].append(seconds)
+        seconds, plain = timed(lambda: checker.sink_divergence(harmful, harmless, 0, reuse_prefixes=False))
+        timings["plain"].append(seconds)
+        seconds, got = timed(lambda: checker.sink_divergence(harmful, harmless, 0))
+        timings["default"].append(seconds)
+    eager_seconds, plain_seconds, check_seconds = (min(timings[k]) for k in ("eager", "plain", "default"))
 
     diff = max(np.abs(np.asarray(got["divergence"]) - want).max(), np.abs(np.asarray(plain["divergence"]) - want).max())
     eager_rate, plain_rate, check_rate = tokens / eager_seconds, tokens / plain_seconds, tokens / check_seconds
@@ -93,6 +99,8 @@ def main():
           f"ratio {plain_rate / eager_rate:.2f}x")
     print(f"sinkcheck (default)                {check_rate:8.0f} tokens/s  ({check_seconds:.2f} s)  "
           f"ratio {check_rate / eager_rate:.2f}x")
+    print(f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (the machine has {os.cpu_count()} "
+          f"CPUs); best of {args.repeats} interleaved rounds")
     print(f"sinkcheck load {load_seconds:.2f} s; positive heads {got['positive']} (eager {int((want > 0).sum())}); "
           f"max |d_sinkcheck - d_eager| = {diff:.2e}")
 
