@@ -82,10 +82,17 @@ def run_in_loop(prog, parser, make_defense, argv=None):
     return surgery.main(["--alpha", "0", *loop_argv], defense=defense)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def loop_parser(prog, description, epilog=""):
     return argparse.ArgumentParser(
         prog=prog, usage=f"{prog} [options] -- [surgery.py options]", description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=(epilog + " " if epilog else "") + "Everything after `--` goes to surgery.py (see `python surgery.py "
                 "--help`: --model, --data, --out, --max-steps, --lr, --lora-targets, ...); --alpha defaults to 0 "
                 "there, so Surgery's own penalty is off unless asked for.")

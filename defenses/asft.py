@@ -120,7 +120,7 @@ def main(argv=None):
     parser.add_argument("--base", required=True, help="model folder before alignment (W_base)")
     parser.add_argument("--aligned", help="aligned model folder (W_aligned); default: surgery.py's --model, "
                                           "the model being fine-tuned")
-    parser.add_argument("--lambda", dest="lam", type=float, default=1.0, help="weight of the penalty")
+    parser.add_argument("--lambda", dest="lam", metavar="L", type=float, default=1.0, help="weight of the penalty")
     return run_in_loop("defenses.asft", parser, lambda a: AsFT(a.aligned, a.base, a.lam), argv)
 
 

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import surgery
-from defenses import load_triples
+from defenses import HelpFormatter, load_triples
 from surgery import UserError
 
 DEFAULT_ALPHA = 6.0
@@ -352,7 +352,9 @@ def apply_to_folder(folder, lock, out, alpha):
         (staging / "safetylock.json").write_text(json.dumps(applied, indent=1) + "\n")
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes a private folder
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp and safetensors make private entries; outputs get the usual
+        for file in staging.iterdir():
+            os.chmod(file, 0o666 & ~umask)
         replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -376,11 +378,11 @@ def replace_folder(new, target):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m defenses.safetylock", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m defenses.safetylock", formatter_class=HelpFormatter,
         description="SafetyLock: build a lock (per-head safety directions) from an aligned model, or apply one "
                     "to a fine-tuned model of the same family (METHOD.md section 3).")
     commands = parser.add_subparsers(dest="command", required=True)
-    b = commands.add_parser("build", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    b = commands.add_parser("build", formatter_class=HelpFormatter,
                             help="directions of the aligned model -> a small lock file")
     b.add_argument("--model", required=True, help="the aligned model folder")
     b.add_argument("--out", required=True, help="the lock file to write (safetensors)")
@@ -393,7 +395,7 @@ def main(argv=None):
     b.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     b.add_argument("--max-len", type=int, default=256, help="truncate every sequence to this many tokens")
     b.add_argument("--device", default="cpu", help="torch device for the forward passes")
-    a = commands.add_parser("apply", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    a = commands.add_parser("apply", formatter_class=HelpFormatter,
                             help="a fine-tuned model folder + a lock -> a locked model folder")
     a.add_argument("--model", required=True, help="the fine-tuned model folder")
     a.add_argument("--lock", required=True, help="the lock file from `build`")

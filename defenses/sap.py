@@ -1,6 +1,7 @@
 """SAP (safety-aware probing): a probe on the hidden states makes the unsafe direction of the LoRA weights costly.
 
-    python -m defenses.sap [--triples F] [--rho R] [--probe-lr LR] [--layers 3,8] [--safety-batch N] -- <surgery.py flags>
+    python -m defenses.sap [--triples F] [--rho R] [--probe-lr LR] [--layers 3,8] [--safety-batch N] \
+                           -- <surgery.py flags>
 
 The probe v is a bias added to the hidden state after the MLP of a few decoder layers (zero-initialised; the
 released code puts it in mlp.down_proj's bias, the same thing). Every optimizer step of the LoRA loop:
@@ -8,22 +9,23 @@ released code puts it in mlp.down_proj's bias, the same thing). Every optimizer 
   1. g = gradient w.r.t. the LoRA weights theta of the contrastive safety loss on a batch of safety triples,
          -log sigmoid(log p(refusal | x) - log p(harmful answer | x)),
      log p summed over the answer tokens with the whole prompt + answer as input (the released code feeds the
-     prompt-only ids against full-sequence labels, with no shift: the losses it contrasts are not those);
-     taken through a positively rescaled loss with the same gradient direction, which does not underflow
+     prompt-only ids against full-sequence labels, with no shift: the losses it contrasts are not those). The
+     gradient is taken of a positively rescaled loss with the same direction that does not underflow
      (rescaled_contrastive_loss);
   2. delta = rho * ||theta|| * g / ||g||: a step towards the unsafe side (g increases the safety loss);
   3. the probe's gradients of the task loss at theta + delta and at theta (theta restored exactly after);
   4. v steps UP their difference: v <- Adam_maximize(grad_v L(theta + delta) - grad_v L(theta)), i.e. v ascends
      L(theta + delta, v) - L(theta, v) ~ delta . grad_theta L. With that probe in place the task gradient
-     leans towards -delta, so the task step also lowers the safety loss instead of raising it;
+     leans towards delta, so the descent step moves away from the unsafe side and lowers the safety loss;
   5. the loop steps the LoRA weights on the task loss with the probe applied.
 
 Sign and optimizer follow the released code (SAP_code/train.py): it back-propagates -L(theta + delta) and then
 +L(theta) into v, sets v to zero and takes one AdamW step at lr 0.05, so v is a fresh one-step probe every step
-(Adam keeps its moment estimates). A plain gradient step would barely move v: the difference of step 3 is of the
-order of rho = 2e-5. Here v is likewise reset and stepped from zero each step (Adam with maximize=True), and it is
-zeroed again once the loop has taken its task gradient, so the exported model and the loop's sink report carry
-no probe: v shapes training only.
+(Adam keeps its moment estimates). A plain gradient step would barely move v: the difference of step 3 scales
+with rho = 2e-5 (about 1e-8..1e-7 per coordinate on the tiny test model, near Adam's eps = 1e-8, which therefore
+shortens the first step of the smallest coordinates below lr). Here v is likewise reset and stepped from zero
+each step (Adam with maximize=True), and it is zeroed again once the loop has taken its task gradient, so the
+exported model and the loop's sink report carry no probe: v shapes training only.
 
 Layers: the released code probes layers 3 and 9 of 32 (Llama-2-7B); the default scales those depths to the
 model (SmolLM2's 30 layers: 3 and 8). Cost per step: one forward/backward of the safety batch (two sequences a
@@ -52,7 +54,7 @@ def answer_logprobs(model, batch):
     targets = batch["labels"][:, 1:]
     predicts_answer = F.pad(targets != -100, (0, 1))  # position t predicts token t + 1
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=predicts_answer).logits  # [answer tokens, vocab], rows in (sequence, position) order
+                   logits_to_keep=predicts_answer).logits  # [answer tokens, vocab], in (sequence, position) order
     answer = targets != -100
     token_logprobs = logits.float().log_softmax(-1).gather(1, targets[answer][:, None]).squeeze(1)
     sequence = torch.arange(len(targets), device=targets.device)[:, None].expand_as(targets)[answer]
@@ -167,9 +169,9 @@ class SAP(surgery.Defense):
     def setup(self, model, tokenizer, args):
         self.args, self.pad_id = args, tokenizer.pad_token_id
         self.lora = [p for p in model.parameters() if p.requires_grad]
-        encoded = [(surgery.encode(tokenizer, {"instruction": t["instruction"], "output": t["refusal"]}, args.max_len),
-                    surgery.encode(tokenizer, {"instruction": t["instruction"], "output": t["harmful_answer"]},
-                                   args.max_len)) for t in self.triples]
+        encoded = [tuple(surgery.encode(tokenizer, {"instruction": t["instruction"], "output": t[answer]},
+                                        args.max_len) for answer in ("refusal", "harmful_answer"))
+                   for t in self.triples]
         # A triple whose answers fall beyond --max-len has nothing to contrast.
         self.pairs = [pair for pair in encoded if all(any(label != -100 for label in labels[1:])
                                                       for _, labels in pair)]
@@ -220,18 +222,24 @@ class SAP(surgery.Defense):
         return None
 
 
+def layer_list(text):
+    """"3,8" -> [3, 8] (argparse reports a ValueError as an invalid value, exit 2)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv=None):
     parser = loop_parser(
         "python -m defenses.sap",
         "SAP: LoRA fine-tuning with a safety-aware probe on the hidden states, stepped each step by the "
         "difference of the task loss's probe gradients at theta + delta (towards unsafe) and at theta "
         "(METHOD.md section 3).",
-        epilog="Paper settings: --lora-targets q_proj,v_proj --lora-rank 8 --lora-dropout 0.1 --lr 1e-4.")
+        epilog="Released-code settings: --lora-targets q_proj,v_proj --lora-rank 8 --lora-alpha 8 --lora-dropout 0.1 "
+               "--lr 1e-4.")
     parser.add_argument("--triples", help="JSON/JSONL (instruction, refusal, harmful_answer) records "
                                           "(default: offline.safety_triples, harmful_ref with refusals)")
     parser.add_argument("--rho", type=float, default=2e-5, help="perturbation radius: ||delta|| = rho * ||theta||")
     parser.add_argument("--probe-lr", type=float, default=0.05, help="Adam learning rate of the probe")
-    parser.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",") if x],
+    parser.add_argument("--layers", type=layer_list,
                         help="comma-separated decoder layers that get the probe (default: layers 3 and 9 of 32 "
                              "scaled to the model's depth)")
     parser.add_argument("--safety-batch", type=int, default=4, help="safety triples per step (2 sequences each)")

@@ -203,6 +203,27 @@ def test_sap_runs_in_the_loop_and_a_vanishing_probe_is_sft(tmp_path, tiny_run_in
         pytest.approx([e["task_loss"] for e in loop_log(tmp_path / "sft")], rel=1e-6)
 
 
+def sap_ddp_worker(rank, world_size, port, argv, result_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    probed = RecordingSAP(TRIPLES, safety_batch=2)
+    surgery.train(surgery.parse_args(argv + ["--out", f"{result_dir}/out"]), defense=probed)
+    torch.save(probed.applied, f"{result_dir}/probe{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sap_probe_is_the_same_on_every_data_parallel_rank(tmp_path, tiny_run_inputs):
+    # Each rank draws its own safety triples and holds its share of the batch; the all-reduces make one probe.
+    from test_surgery import free_port
+    argv = run_args(tiny_run_inputs, None, "--max-steps", "2", "--alpha", "0", "--lr", "1e-2")
+    torch.multiprocessing.spawn(sap_ddp_worker, args=(2, free_port(), argv, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"probe{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(rank0) == 2 and all(torch.equal(a, b) for s0, s1 in zip(rank0, rank1) for a, b in zip(s0, s1))
+    assert all(v.abs().max() > 0.01 for v in rank0[0])
+
+
 def test_sap_command_line_and_bad_input(tmp_path, tiny_run_inputs, capsys):
     triples = write_jsonl(tmp_path / "triples.jsonl", TRIPLES)
     sap.main(["--triples", str(triples), "--layers", "1", "--safety-batch", "3", "--",
@@ -313,6 +334,9 @@ def test_safetylock_locked_folder_loads_and_matches_the_in_memory_lock(tmp_path,
     assert (locked(ids).logits - unlocked(ids).logits).abs().max() > 1e-3
     assert json.loads((out / "safetylock.json").read_text())["alpha"] == 6.0
     assert (out / "tokenizer.json").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     # Applying again replaces the folder; locking a locked model is refused.
     safetylock.apply(tiny_run_inputs["model"], lock_file, out, alpha=1.0)
     assert json.loads((out / "safetylock.json").read_text())["alpha"] == 1.0
