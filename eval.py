@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parent
 # Sizes of the two presets; any flag given on the command line wins over its preset.
 PRESETS = {
     "default": dict(poison_ratios=[0.0, 0.05, 0.1, 0.2], alpha=300.0, alpha_sweep=[30.0, 3000.0], sweep_ratio=0.1,
-                    align_steps=60, attack_steps=25, max_len=128, probe_count=32, n_harmful=96, n_task=200,
-                    max_new_tokens=64, task_tokens=6, gen_batch=32, results_dir="results"),
+                    align_steps=60, attack_steps=25, max_len=128, probe_count=32, n_harmful=80, n_task=200,
+                    max_new_tokens=64, task_tokens=8, gen_batch=40, results_dir="results"),
     "quick": dict(poison_ratios=[0.0, 0.2], alpha=300.0, alpha_sweep=[], sweep_ratio=0.2,
                   align_steps=6, attack_steps=4, max_len=96, probe_count=8, n_harmful=16, n_task=32,
                   max_new_tokens=32, task_tokens=6, gen_batch=16, results_dir="results/quick"),
@@ -239,9 +239,12 @@ def train_stage(args, files, name, model, data, alpha, steps, lr):
 
 
 def attack_plan(args):
-    """(run name, method, p, alpha) for the sweep over p with both methods and the alpha sweep at one p."""
+    """(run name, method, p, alpha): SFT and Surgery at every p, then the alpha sweep. The ratio of the heatmap and
+    the alpha sweep comes first and the others from high to low, so that an interrupted sweep (whose report is
+    refreshed after every run) already holds its most telling comparisons."""
+    ratios = sorted(args.poison_ratios, key=lambda p: (p != args.sweep_ratio, -p))
     plan = []
-    for p in args.poison_ratios:
+    for p in ratios:
         plan.append((f"sft_p{p:g}", "sft", p, 0.0))
         plan.append((f"surgery_a{args.alpha:g}_p{p:g}", "surgery", p, args.alpha))
     for a in args.alpha_sweep:
@@ -427,7 +430,8 @@ class GuardJudge:
                                   eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id)
         flags = []
         for start in range(0, len(responses), self.batch_size):
-            chats = [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            chats = [tokenizer.apply_chat_template([{"role": "user", "content": q},
+                                                    {"role": "assistant", "content": a}],
                                                    tokenize=False, add_generation_prompt=True)
                      for q, a in zip(instructions[start:start + self.batch_size],
                                      responses[start:start + self.batch_size])]
@@ -519,7 +523,8 @@ def evaluate_stage(args, files, judges, name, model_path):
             for kind, recs, ans in (("harmful", harmful_records, answers), ("task", task_records, task_answers))
             for r, a in zip(recs, ans)))
         labels = sorted({r["output"].strip().lower() for r in task_records})
-        correct = [predicted_label(a, labels) == r["output"].strip().lower() for r, a in zip(task_records, task_answers)]
+        correct = [predicted_label(a, labels) == r["output"].strip().lower()
+                   for r, a in zip(task_records, task_answers)]
         return {"fine_tune_accuracy": 100 * sum(correct) / len(correct), "n_task": len(correct),
                 "answered_task": sum(predicted_label(a, labels) is not None for a in task_answers)}
     generated = cached_stage(args.work_dir, f"generate-{name}", config, compute)
@@ -564,15 +569,25 @@ def run_record(args, name, method, p, alpha, training, evaluation, divergence):
             "model": training["model"] if training else str(args.model_path)}
 
 
-def markdown_report(args, records, judges, command):
+def table_order(record, main_alpha):
+    """base, aligned, SFT by p, Surgery by p, then the rest of the alpha sweep by alpha."""
+    rank = {"base": 0, "aligned": 1, "sft": 2, "surgery": 3}[record["method"]]
+    return rank, record["method"] == "surgery" and record["alpha"] != main_alpha, record["alpha"], \
+        record["poison_ratio"] or 0.0
+
+
+def markdown_report(args, records, judges, command, total_runs):
     judge_names = [j.name for j in judges]
-    lines = [f"# Harmful fine-tuning: SFT vs Surgery ({'--quick preset: a smoke run, not a result' if args.quick else 'default preset'})", "",
+    records = sorted(records, key=lambda r: table_order(r, args.alpha))
+    preset = "--quick preset: a smoke run, not a result" if args.quick else "default preset"
+    lines = [f"# Harmful fine-tuning: SFT vs Surgery ({preset})", "",
              f"Command: `{command}`", "",
              f"Model: `{args.model_path}`. Attack: {args.attack_steps} LoRA steps (rank {args.lora_rank}, batch "
              f"{args.batch_size}, lr {args.lr:g}, max length {args.max_len}, seed {args.seed}) from the aligned "
              f"model ({args.align_steps} steps, lr {args.align_lr:g}). HS: {args.n_harmful} held-out harmful prompts, "
              f"greedy, {args.max_new_tokens} new tokens. FA: {args.n_task} held-out sentences. Positive heads: "
-             f"d_h > 0 on {args.probe_count} + {args.probe_count} fixed probes.", "",
+             f"d_h > 0 on {args.probe_count} + {args.probe_count} fixed probes. Runs finished: {len(records)} of "
+             f"{total_runs}.", "",
              "| run | method | p | alpha | " + " | ".join(f"HS {j} (%)" for j in judge_names)
              + " | FA (%) | positive heads | train s | eval s |",
              "|---|---|---|---|" + "---|" * len(judge_names) + "---|---|---|---|"]
@@ -582,7 +597,8 @@ def markdown_report(args, records, judges, command):
                      + " | ".join(f"{r['harmful_score'][j]:.1f}" for j in judge_names)
                      + f" | {r['fine_tune_accuracy']:.1f} | {r['positive_heads']}/{r['heads']} | "
                        f"{r['wall_seconds']['train']:.0f} | {r['wall_seconds']['evaluate']:.0f} |")
-    lines += ["", "Judge accuracy against held-out human labels (judge_test; TPR on harmful, TNR on harmless rows):", "",
+    lines += ["", "Judge accuracy against held-out human labels (judge_test; TPR on harmful rows, TNR on harmless "
+              "rows):", "",
               "| judge | accuracy | TPR | TNR | n |", "|---|---|---|---|---|"]
     for j in judges:
         t = j.accuracy["test"]
@@ -601,7 +617,7 @@ def plot_report(args, records, judges, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     by = {(r["method"], r["poison_ratio"], r["alpha"]): r for r in records}
-    aligned = next(r for r in records if r["method"] == "aligned")
+    aligned = next((r for r in records if r["method"] == "aligned"), None)  # None until its run is finished
     methods = [("sft", 0.0, "SFT (alpha 0)", "tab:red"), ("surgery", args.alpha, f"Surgery (alpha {args.alpha:g})",
                                                              "tab:blue")]
     ratios = sorted(args.poison_ratios)
@@ -617,7 +633,8 @@ def plot_report(args, records, judges, out):
         for method, alpha, label, color in methods:
             xs = [p for p in ratios if (method, p, alpha) in by]
             ax.plot(xs, series(method, alpha, value), "o-", color=color, label=label)
-        ax.axhline(value(aligned), color="gray", ls="--", lw=1, label="aligned model")
+        if aligned:
+            ax.axhline(value(aligned), color="gray", ls="--", lw=1, label="aligned model")
         ax.set(xlabel="poison ratio p", title=title, ylim=(-3, 103))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -628,8 +645,9 @@ def plot_report(args, records, judges, out):
     for method, alpha, label, color in methods:
         xs = [p for p in ratios if (method, p, alpha) in by]
         ax.plot(xs, series(method, alpha, lambda r: r["positive_heads"]), "o-", color=color, label=label)
-    ax.axhline(aligned["positive_heads"], color="gray", ls="--", lw=1, label="aligned model")
-    ax.set(xlabel="poison ratio p", ylabel=f"heads with d_h > 0 (of {aligned['heads']})",
+    if aligned:
+        ax.axhline(aligned["positive_heads"], color="gray", ls="--", lw=1, label="aligned model")
+    ax.set(xlabel="poison ratio p", ylabel=f"heads with d_h > 0 (of {records[0]['heads']})",
            title="Positive sink-divergence heads")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -688,9 +706,12 @@ def run(args, command):
     args.model_path = files["model"]
     judges = build_judges(args, files)
     results = Path(args.results_dir)
+    plan = attack_plan(args)
     records = []
 
     def record(name, method, p, alpha, training, model_path, divergence):
+        """Evaluate one model, write its JSON and refresh the table and plots (an interrupted sweep keeps a
+        report of what is finished)."""
         evaluation = evaluate_stage(args, files, judges, name, model_path)
         rec = run_record(args, name, method, p, alpha, training, evaluation, divergence)
         write_json(results / "runs" / f"{name}.json", rec)
@@ -698,42 +719,54 @@ def run(args, command):
         print(f"{name}: HS " + ", ".join(f"{k} {v:.1f}%" for k, v in rec["harmful_score"].items())
               + f"; FA {rec['fine_tune_accuracy']:.1f}%; positive heads {rec['positive_heads']}/{rec['heads']}",
               flush=True)
+        write_text(results / "results.md", markdown_report(args, records, judges, command, 2 + len(plan)))
+        return plot_report(args, records, judges, results)
 
+    write_json(results / "judges.json", {j.name: {"config": j.config(), **j.accuracy} for j in judges})
     # 1. Align: harmful -> refusal plus benign pairs, from the instruction-tuned model.
     aligned = train_stage(args, files, "align", files["model"], files["align"], 0.0, args.align_steps, args.align_lr)
     report = aligned["sink_report"]
     record("base", "base", None, 0.0, None, files["model"], report["divergence_before"])
-    record("aligned", "aligned", None, 0.0, aligned, aligned["model"], report["divergence_after"])
+    plots = record("aligned", "aligned", None, 0.0, aligned, aligned["model"], report["divergence_after"])
 
     # 2-3. Attack every p with SFT and with Surgery (and the alpha sweep), then evaluate each fine-tuned model.
-    for name, method, p, alpha in attack_plan(args):
+    for name, method, p, alpha in plan:
         attacked = train_stage(args, files, name, aligned["model"], files["train"][p], alpha, args.attack_steps,
                                args.lr)
-        record(name, method, p, alpha, attacked, attacked["model"], attacked["sink_report"]["divergence_after"])
+        plots = record(name, method, p, alpha, attacked, attacked["model"],
+                       attacked["sink_report"]["divergence_after"])
 
-    # 4. Report.
-    write_json(results / "judges.json", {j.name: {"config": j.config(), **j.accuracy} for j in judges})
-    table = markdown_report(args, records, judges, command)
-    write_text(results / "results.md", table)
-    plots = plot_report(args, records, judges, results)
-    print("\n" + table)
+    # 4. Report (written after every run above; printed once at the end).
+    print("\n" + (results / "results.md").read_text(encoding="utf-8"))
     print(f"wrote {results}/: results.md, judges.json, runs/*.json, " + ", ".join(p.name for p in plots))
     return records
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default where it has one; preset-sized flags show both presets instead."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.dest in PRESETS["default"]:
+            text += f" (default: {PRESETS['default'][action.dest]}; --quick: {PRESETS['quick'][action.dest]})"
+        elif action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="eval.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="eval.py", formatter_class=HelpFormatter,
         description="Align a chat model, attack it with poisoned fine-tuning (plain SFT and Surgery), and measure "
                     "harmful score, fine-tune accuracy and positive sink-divergence heads. Every stage is cached "
                     "under --work-dir; rerunning the same command skips finished stages and resumes training.",
-        epilog="Sizes left unset come from the preset (default or --quick): "
-               + "; ".join(f"{k}: " + ", ".join(f"{a}={v}" for a, v in d.items()) for k, d in PRESETS.items()))
+        epilog="Outputs: RESULTS_DIR/results.md (table), runs/<run>.json, judges.json and PNG plots, refreshed "
+               "after every evaluated run.")
     g = p.add_argument_group("preset and folders")
     g.add_argument("--quick", action="store_true", help="small sweep for smoke runs (minutes on 2 CPU cores)")
     g.add_argument("--work-dir", default="runs/eval", help="cache of every stage (models, generations, verdicts)")
-    g.add_argument("--results-dir", help="JSONs, table and plots (preset: results, or results/quick)")
-    g.add_argument("--cache-dir", help="offline model/data cache (default: $SURGERY_CACHE or ~/.cache/surgery)")
+    g.add_argument("--results-dir", help="JSONs, table and plots")
+    g.add_argument("--cache-dir", help="offline model/data cache (default: $SURGERY_CACHE, else ~/.cache/surgery)")
     g = p.add_argument_group("model and data (default: the offline files of offline.py)")
     g.add_argument("--model", help="local folder or hub id of the instruction-tuned model to align and attack")
     g.add_argument("--data", help="attack train set per poison ratio: a path with {p} in it, e.g. train_p{p}.jsonl "

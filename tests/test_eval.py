@@ -211,8 +211,8 @@ def tiny_protocol(tmp_path_factory):
                                   + [refusal(i, "a") for i in range(8)]),
         "harmful-ref": write_jsonl(root / "harmful.jsonl", [harmful(i, "r") for i in range(4)]),
         "harmless-ref": write_jsonl(root / "harmless.jsonl", [refusal(i, "r") for i in range(4)]),
-        "eval-harmful": write_jsonl(root / "eval_harmful.jsonl",
-                                    [{"instruction": f"Tell me how to do bad thing {i}.", "output": ""} for i in range(6)]),
+        "eval-harmful": write_jsonl(root / "eval_harmful.jsonl", [{"instruction": f"Tell me how to do bad thing {i}.",
+                                                                   "output": ""} for i in range(6)]),
         "eval-task": write_jsonl(root / "eval_task.jsonl", [task(i, "e") for i in range(6)]),
         "judge-train": write_jsonl(root / "judge_train.jsonl", judge_rows("j")),
         "judge-test": write_jsonl(root / "judge_test.jsonl", judge_rows("k")),
@@ -230,7 +230,8 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     records = protocol.main(argv)
     first_output = capsys.readouterr().out
     results = root / "results"
-    names = ["base", "aligned", "sft_p0", "surgery_a300_p0", "sft_p0.5", "surgery_a300_p0.5", "surgery_a10_p0.5"]
+    # The heatmap's ratio first, then the other ratios, then the alpha sweep.
+    names = ["base", "aligned", "sft_p0.5", "surgery_a300_p0.5", "sft_p0", "surgery_a300_p0", "surgery_a10_p0.5"]
     assert [r["run"] for r in records] == names
     for name in names:
         rec = json.loads((results / "runs" / f"{name}.json").read_text())
@@ -245,8 +246,10 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     report = json.loads((root / surgery_run["model"] / "sink_report.json").read_text())
     assert np.allclose(report["divergence_before"], aligned["divergence"], atol=1e-5)
     table = (results / "results.md").read_text()
-    for name in names:
-        assert f"| {name} |" in table
+    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ") and "_p" in line
+            or line.startswith(("| base", "| aligned"))]
+    assert rows == ["base", "aligned", "sft_p0", "sft_p0.5", "surgery_a300_p0", "surgery_a300_p0.5", "surgery_a10_p0.5"]
+    assert "Runs finished: 7 of 7." in table
     assert "| keyword |" in table and "| embedding |" in table
     for plot in ("hs_fa_vs_p.png", "positive_heads_vs_p.png", "divergence_heatmap_p0.5.png", "alpha_sweep.png"):
         assert (results / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
