@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import surgery
 from conftest import run_args, write_jsonl
@@ -69,7 +68,7 @@ def aligned_folder(tmp_path_factory, tiny_run_inputs):
     return folder
 
 
-def test_asft_keeps_the_update_in_the_alignment_direction(tmp_path, tiny_run_inputs, aligned_folder):
+def test_asft_run_ends_with_a_far_smaller_penalty_than_sft(tmp_path, tiny_run_inputs, aligned_folder):
     inputs = dict(tiny_run_inputs, model=str(aligned_folder))
     loop = ("--max-steps", "4", "--lora-dropout", "0", "--lr", "1e-2", "--lora-targets", "q_proj,v_proj")
     plain, _ = surgery.main(run_args(inputs, tmp_path / "sft", "--alpha", "0", *loop))
@@ -91,6 +90,18 @@ def test_asft_keeps_the_update_in_the_alignment_direction(tmp_path, tiny_run_inp
     log = loop_log(tmp_path / "asft")
     assert log[0]["extra_loss"] == 0.0 and log[-1]["extra_loss"] > 0  # B = 0 at the start
     assert "sink_loss" in log[0] and "sink_loss" not in log[1]  # --alpha 0: Surgery's term is off
+
+
+def test_asft_reads_only_the_named_weights_from_single_or_sharded_checkpoints(tmp_path, tiny_run_inputs):
+    model, _ = tiny_model("llama")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    names = ["model.layers.1.self_attn.v_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    single, sharded = asft.read_weights(tiny_run_inputs["model"], names), asft.read_weights(tmp_path / "sharded", names)
+    assert list(single) == names and all(torch.equal(single[n], sharded[n]) for n in names)
+    assert torch.equal(single[names[0]], model.get_submodule(names[0].removesuffix(".weight")).weight)
+    with pytest.raises(UserError, match="no tensor model.layers.0.mlp.w"):
+        asft.read_weights(tmp_path / "sharded", ["model.layers.0.mlp.w"])
 
 
 def test_asft_refuses_a_model_that_is_not_the_aligned_one(tmp_path, tiny_run_inputs, aligned_folder, capsys):
