@@ -343,6 +343,9 @@ class Defense:
         """A term added to the step's loss (None: nothing)."""
         return None
 
+    def after_step(self, model, step):
+        """After the optimizer step (e.g. SAP removes its probe, so nothing after training sees it)."""
+
 
 def train_step(model, optimizer, step, examples, refs, args, world, defense=None):
     """One optimizer step: task loss over the global batch plus alpha times the sink penalty."""
@@ -403,6 +406,8 @@ def train_step(model, optimizer, step, examples, refs, args, world, defense=None
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, args, args.total_steps)
     optimizer.step()
+    if defense is not None:
+        defense.after_step(model, step)
     log = {"step": step + 1, "task_loss": stats[0].item() / max(n_tokens, 1), "lr": optimizer.param_groups[0]["lr"]}
     if extra is not None:
         log["extra_loss"] = extra.item()

@@ -215,11 +215,10 @@ class SAP(surgery.Defense):
             self.last_safety_loss, _ = self.probe.step(self.lora, safety_margins, task_loss,
                                                       before_each_pass=lambda: torch.manual_seed(seed))
 
-    def extra_loss(self, model, step):
-        # Called after the loop's task backward: the probe has shaped this step's gradient and is removed, so
-        # nothing after training (the sink report, the exported model) sees it.
+    def after_step(self, model, step):
+        # The probe has shaped this step's gradient; it is removed, so nothing after training (the sink report,
+        # the exported model) sees it.
         self.probe.reset()
-        return None
 
 
 def layer_list(text):

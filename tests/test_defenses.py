@@ -189,9 +189,9 @@ def test_default_probe_layers_scale_the_released_depths():
 class RecordingSAP(sap.SAP):
     """Records the probe while the loop takes its task gradient."""
 
-    def extra_loss(self, model, step):
+    def after_step(self, model, step):
         self.applied = getattr(self, "applied", []) + [[v.clone() for v in self.probe.vectors]]
-        return super().extra_loss(model, step)
+        super().after_step(model, step)
 
 
 def test_sap_runs_in_the_loop_and_a_vanishing_probe_is_sft(tmp_path, tiny_run_inputs):

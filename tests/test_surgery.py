@@ -348,13 +348,16 @@ class RecordingDefense(surgery.Defense):
         self.calls.append(f"extra {step}")
         return self.weight * sum((b ** 2).sum() for b in self.lora_b)
 
+    def after_step(self, model, step):
+        self.calls.append(f"after {step}")
+
 
 def test_defense_hooks_run_every_step_and_their_loss_trains(tmp_path, tiny_run_inputs):
     argv = ("--max-steps", "3", "--alpha", "0", "--lora-dropout", "0", "--lr", "1e-2")
     plain, _ = surgery.main(run_args(tiny_run_inputs, tmp_path / "plain", *argv))
     defense = RecordingDefense(weight=1e4)
     pulled, _ = surgery.main(run_args(tiny_run_inputs, tmp_path / "pulled", *argv), defense=defense)
-    assert defense.calls == ["setup"] + [f"{hook} {s}" for s in range(3) for hook in ("before", "extra")]
+    assert defense.calls == ["setup"] + [f"{hook} {s}" for s in range(3) for hook in ("before", "extra", "after")]
     log = [json.loads(line) for line in (tmp_path / "pulled" / "train_log.jsonl").read_text().splitlines()]
     assert [entry["task_loss"] for entry in log] == pytest.approx(defense.task_losses, rel=1e-5)
     assert all(entry["extra_loss"] >= 0 for entry in log) and log[1]["extra_loss"] > 0
