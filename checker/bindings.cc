@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 
 #include "errors.h"
@@ -107,15 +108,18 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("n_threads", &Model::n_threads)
       .def(
           "mean_sink_values",
-          [](Model& model, const std::vector<Sequence>& sequences, int sink_position, bool reuse_prefixes) {
+          [](Model& model, const std::vector<Sequence>& sequences, int sink_position, bool reuse_prefixes,
+             int batch_tokens) {
             SinkMeans means;
             {
               py::gil_scoped_release release;
-              means = mean_sink_values(model, sequences, sink_position, "probe", nullptr, reuse_prefixes);
+              means = mean_sink_values(model, sequences, sink_position, "probe", nullptr, reuse_prefixes,
+                                       std::max(batch_tokens, 1));
             }
             return py::make_tuple(to_rows(means.mean, means.n_layers, means.n_heads), means.n_sequences);
           },
           py::arg("sequences"), py::arg("sink_position") = 0, py::arg("reuse_prefixes") = true,
+          py::arg("batch_tokens") = 512,
           "a_h(X) per layer and query head, and the number of sequences that counted.")
       .def(
           "sink_divergence",

@@ -157,11 +157,14 @@ void Model::sink_sums(const std::vector<BatchItem>& batch, int sink, double* out
   RunState& s = state_;
   for (size_t j = 0; j < batch.size(); ++j) {
     const BatchItem& item = batch[j];
-    const int previous_length = j == 0 ? 0 : batch[j - 1].length;
+    const int previous_length = j == 0 ? static_cast<int>(s.carry_tokens.size()) : batch[j - 1].length;
     if (item.shared < 0 || item.shared > item.length || item.shared > previous_length)
       throw CheckError("internal: bad shared prefix in batch");
   }
   prepare(batch);
+  s.carry_keys.resize(c.n_layers);
+  s.carry_values.resize(c.n_layers);
+  s.carry_sink.resize(c.n_layers);
   const int rows = static_cast<int>(s.item_first_row[batch.size()]);
   const int hidden = c.hidden_size, inter = c.intermediate_size, hd = c.head_dim;
   const size_t q_dim = size_t(c.n_heads) * hd, kv_dim = size_t(c.n_kv_heads) * hd;
@@ -201,9 +204,11 @@ void Model::sink_sums(const std::vector<BatchItem>& batch, int sink, double* out
       const BatchItem& item = batch[j];
       const size_t dst = s.item_start[j] * kv_dim, n_new = size_t(item.length - item.shared) * kv_dim;
       if (item.shared > 0) {
-        const size_t src = s.item_start[j - 1] * kv_dim, n_shared = size_t(item.shared) * kv_dim;
-        std::memcpy(s.keys.data() + dst, s.keys.data() + src, n_shared * sizeof(float));
-        if (!last) std::memcpy(s.values.data() + dst, s.values.data() + src, n_shared * sizeof(float));
+        const size_t n_shared = size_t(item.shared) * kv_dim;
+        const float* src_keys = j == 0 ? s.carry_keys[l].data() : s.keys.data() + s.item_start[j - 1] * kv_dim;
+        const float* src_values = j == 0 ? s.carry_values[l].data() : s.values.data() + s.item_start[j - 1] * kv_dim;
+        std::memcpy(s.keys.data() + dst, src_keys, n_shared * sizeof(float));
+        if (!last) std::memcpy(s.values.data() + dst, src_values, n_shared * sizeof(float));
       }
       const size_t at = dst + size_t(item.shared) * kv_dim, from = s.item_first_row[j] * kv_dim;
       std::memcpy(s.keys.data() + at, s.k_new.data() + from, n_new * sizeof(float));
@@ -216,13 +221,25 @@ void Model::sink_sums(const std::vector<BatchItem>& batch, int sink, double* out
     for (size_t j = 0; j < batch.size(); ++j) {
       const BatchItem& item = batch[j];
       float* mine = s.sink_weight.data() + s.item_start[j] * c.n_heads;
-      if (item.shared > 0)
-        std::memcpy(mine, s.sink_weight.data() + s.item_start[j - 1] * c.n_heads, size_t(item.shared) * c.n_heads * sizeof(float));
+      if (item.shared > 0) {
+        const float* src = j == 0 ? s.carry_sink[l].data() : s.sink_weight.data() + s.item_start[j - 1] * c.n_heads;
+        std::memcpy(mine, src, size_t(item.shared) * c.n_heads * sizeof(float));
+      }
       for (int h = 0; h < c.n_heads; ++h) {
         double sum = 0.0;
         for (int i = sink + 1; i < item.length; ++i) sum += mine[size_t(i) * c.n_heads + h];
         out[(j * c.n_layers + l) * c.n_heads + h] = sum;
       }
+    }
+    // Keep this layer's keys, values and sink weights of the last item for the next batch.
+    {
+      const size_t j = batch.size() - 1, length = size_t(batch[j].length);
+      const float* keys = s.keys.data() + s.item_start[j] * kv_dim;
+      const float* values = s.values.data() + s.item_start[j] * kv_dim;
+      const float* sink_rows = s.sink_weight.data() + s.item_start[j] * c.n_heads;
+      s.carry_keys[l].assign(keys, keys + length * kv_dim);
+      if (!last) s.carry_values[l].assign(values, values + length * kv_dim);
+      s.carry_sink[l].assign(sink_rows, sink_rows + length * c.n_heads);
     }
     if (last) break;  // nothing after the last layer's attention weights is needed
 
@@ -242,6 +259,8 @@ void Model::sink_sums(const std::vector<BatchItem>& batch, int sink, double* out
       for (size_t i = size_t(first) * hidden; i < size_t(last_row) * hidden; ++i) s.x[i] += s.proj[i];
     });
   }
+  const BatchItem& tail = batch.back();
+  s.carry_tokens.assign(tail.tokens, tail.tokens + tail.length);
 }
 
 }  // namespace sinkcheck

@@ -25,9 +25,9 @@ struct Weights {
   std::vector<LayerWeights> layers;
 };
 
-// One sequence of a batch. Its first `shared` tokens equal those of the item before it in the same
-// batch (shared = 0 for the first item): causal attention makes their keys, values and sink weights
-// identical, so they are copied rather than recomputed.
+// One sequence of a batch. Its first `shared` tokens equal those of the item before it (for the first
+// item: the last item of the previous batch this model ran, see Model::carried_tokens): causal
+// attention makes their keys, values and sink weights identical, so they are copied, not recomputed.
 struct BatchItem {
   const int32_t* tokens = nullptr;
   int length = 0;
@@ -55,6 +55,9 @@ struct RunState {
   std::vector<int> row_item, row_pos;    // which item and position each new row is
   std::vector<size_t> item_start;        // offset of each item's positions in keys / sink_weight
   std::vector<size_t> item_first_row;    // its first new row
+  // The last item of the previous batch, kept so the next batch can share its prefix.
+  std::vector<int32_t> carry_tokens;
+  std::vector<std::vector<float>> carry_keys, carry_values, carry_sink;  // per layer
 };
 
 class Model {
@@ -72,6 +75,9 @@ class Model {
   // attention weight A[i, sink]. out[(item * n_layers + layer) * n_heads + head]. Token ids must
   // already be checked against vocab_rows().
   void sink_sums(const std::vector<BatchItem>& batch, int sink, double* out);
+
+  // Tokens of the last item of the previous sink_sums call: what a first item's `shared` refers to.
+  const std::vector<int32_t>& carried_tokens() const { return state_.carry_tokens; }
 
  private:
   void load_weights();

@@ -76,13 +76,18 @@ SinkMeans mean_sink_values(Model& model, const std::vector<Sequence>& sequences,
   int new_tokens = 0;
   for (size_t k : order) {
     const Sequence& seq = sequences[k];
-    int shared = (reuse_prefixes && !batch.empty()) ? common_prefix(sequences[batch_index.back()], seq) : 0;
+    // Share with the item before: in this batch, or the model's carried last item of the previous one.
+    auto shared_with_previous = [&] {
+      if (!reuse_prefixes) return 0;
+      return batch.empty() ? common_prefix(model.carried_tokens(), seq) : common_prefix(sequences[batch_index.back()], seq);
+    };
+    int shared = shared_with_previous();
     int fresh = static_cast<int>(seq.size()) - shared;
     if (!batch.empty() && new_tokens + fresh > batch_tokens) {
       flush();
       new_tokens = 0;
-      shared = 0;
-      fresh = static_cast<int>(seq.size());
+      shared = shared_with_previous();
+      fresh = static_cast<int>(seq.size()) - shared;
     }
     batch.push_back(BatchItem{seq.data(), static_cast<int>(seq.size()), shared});
     batch_index.push_back(k);

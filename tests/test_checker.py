@@ -50,6 +50,19 @@ def test_divergence_matches_eager_attention(tmp_path, family, dtype):
         result["divergence"]
 
 
+def test_prefix_reuse_across_batches(tmp_path):
+    """Small batches force the shared prefix to come from the previous batch's carried last sequence."""
+    folder = save_checker_model(tmp_path, "qwen2", seed=8)
+    harmful, harmless = probe_sets(seed=12)
+    sequences = harmful + harmless + [harmful[0][:9], harmful[0][:9] + [7, 7, 7]]
+    model = sinkcheck.Model(str(folder), threads=2)
+    plain, count = model.mean_sink_values(sequences, reuse_prefixes=False)
+    assert count == len(sequences) - 1
+    for batch_tokens in (1, 13, 40, 100000):
+        assert model.mean_sink_values(sequences, batch_tokens=batch_tokens) == (plain, count)
+    assert_close(plain, eager_sink_means(folder, sequences))
+
+
 def test_sink_position_after_the_first_token(tmp_path):
     folder = save_checker_model(tmp_path, "llama", seed=5)
     harmful, harmless = probe_sets(seed=7)
