@@ -618,8 +618,10 @@ def plot_report(args, records, judges, out):
     import matplotlib.pyplot as plt
     by = {(r["method"], r["poison_ratio"], r["alpha"]): r for r in records}
     aligned = next((r for r in records if r["method"] == "aligned"), None)  # None until its run is finished
-    methods = [("sft", 0.0, "SFT (alpha 0)", "tab:red"), ("surgery", args.alpha, f"Surgery (alpha {args.alpha:g})",
-                                                             "tab:blue")]
+    # Distinct markers and line styles: equal values must not hide one method behind the other.
+    methods = [("sft", 0.0, "SFT (alpha 0)", dict(color="tab:red", marker="o", ms=8, ls="-")),
+               ("surgery", args.alpha, f"Surgery (alpha {args.alpha:g})",
+                dict(color="tab:blue", marker="s", ms=5, ls="--"))]
     ratios = sorted(args.poison_ratios)
     written = []
 
@@ -630,9 +632,9 @@ def plot_report(args, records, judges, out):
     panels.append(("FA (%)", lambda r: r["fine_tune_accuracy"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (title, value) in zip(axes[0], panels):
-        for method, alpha, label, color in methods:
+        for method, alpha, label, style in methods:
             xs = [p for p in ratios if (method, p, alpha) in by]
-            ax.plot(xs, series(method, alpha, value), "o-", color=color, label=label)
+            ax.plot(xs, series(method, alpha, value), label=label, **style)
         if aligned:
             ax.axhline(value(aligned), color="gray", ls="--", lw=1, label="aligned model")
         ax.set(xlabel="poison ratio p", title=title, ylim=(-3, 103))
@@ -642,9 +644,9 @@ def plot_report(args, records, judges, out):
     written.append(save_figure(fig, out / "hs_fa_vs_p.png"))
 
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
-    for method, alpha, label, color in methods:
+    for method, alpha, label, style in methods:
         xs = [p for p in ratios if (method, p, alpha) in by]
-        ax.plot(xs, series(method, alpha, lambda r: r["positive_heads"]), "o-", color=color, label=label)
+        ax.plot(xs, series(method, alpha, lambda r: r["positive_heads"]), label=label, **style)
     if aligned:
         ax.axhline(aligned["positive_heads"], color="gray", ls="--", lw=1, label="aligned model")
     ax.set(xlabel="poison ratio p", ylabel=f"heads with d_h > 0 (of {records[0]['heads']})",
@@ -662,7 +664,10 @@ def plot_report(args, records, judges, out):
         fig, axes = plt.subplots(1, 2, figsize=(7, 0.18 * maps[0].shape[0] + 2), sharey=True)
         for ax, m, (_, _, label, _) in zip(axes, maps, methods):
             image = ax.imshow(m, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
-            ax.set(title=f"{label}\n{int((m > 0).sum())} positive heads", xlabel="head")
+            layers, heads = np.nonzero(m > 0)  # positive heads are few and pale: mark them
+            ax.plot(heads, layers, "k+", ms=6, mew=1.2)
+            ax.set(title=f"{label}\n{int((m > 0).sum())} positive heads (+)", xlabel="head",
+                   xticks=range(m.shape[1]))
         axes[0].set_ylabel("layer")
         fig.colorbar(image, ax=list(axes), label="d_h = a_h(harmful) - a_h(harmless)")
         fig.suptitle(f"Sink divergence per head at p = {p_map:g}", fontsize=10)
@@ -708,6 +713,9 @@ def run(args, command):
     results = Path(args.results_dir)
     plan = attack_plan(args)
     records = []
+    # Run JSONs of an earlier configuration must not sit beside this one's; finished stages rewrite theirs at once.
+    for stale in (results / "runs").glob("*.json"):
+        stale.unlink()
 
     def record(name, method, p, alpha, training, model_path, divergence):
         """Evaluate one model, write its JSON and refresh the table and plots (an interrupted sweep keeps a
@@ -789,7 +797,7 @@ def parse_args(argv=None):
     g.add_argument("--align-steps", type=int, help="optimizer steps of the alignment stage")
     g.add_argument("--align-lr", type=float, default=3e-4, help="learning rate of the alignment stage")
     g.add_argument("--attack-steps", type=int, help="optimizer steps of every attack run")
-    g.add_argument("--lr", type=float, default=2e-4, help="learning rate of the attack runs")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the attack runs")
     g.add_argument("--batch-size", type=int, default=8, help="batch size of every training run")
     g.add_argument("--max-len", type=int, help="token limit of training sequences and probes")
     g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")

@@ -227,7 +227,11 @@ def tiny_protocol(tmp_path_factory):
 
 def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol, capsys):
     root, argv = tiny_protocol
+    stale = root / "results" / "runs" / "sft_p0.3.json"  # left by an earlier configuration
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
     records = protocol.main(argv)
+    assert not stale.exists()
     first_output = capsys.readouterr().out
     results = root / "results"
     # The heatmap's ratio first, then the other ratios, then the alpha sweep.
