@@ -32,6 +32,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_sinkcheck.py
 
 clean:
 	rm -rf $(VENV) build runs

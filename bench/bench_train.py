@@ -53,10 +53,12 @@ class Bench:
         task = long_records(surgery.read_records(data["train"]) * 20, tokenizer, args.seq_len)
         harmful = long_records(surgery.read_records(data["harmful_ref"]), tokenizer, args.seq_len)
         harmless = long_records(surgery.read_records(data["harmless_ref"]) * 5, tokenizer, args.seq_len)
-        self.examples = [surgery.encode(tokenizer, r, args.seq_len) for r in task]
-        self.refs = tuple([surgery.encode(tokenizer, r, args.seq_len)[0] for r in recs]
-                          for recs in (harmful, harmless))
-        assert all(len(ids) == args.seq_len for ids, _ in self.examples), "bench data shorter than --seq-len"
+        # Only full-length sequences (the last joined record of a list can fall short).
+        self.examples = [e for e in (surgery.encode(tokenizer, r, args.seq_len) for r in task)
+                         if len(e[0]) == args.seq_len]
+        self.refs = tuple([ids for ids in (surgery.encode(tokenizer, r, args.seq_len)[0] for r in recs)
+                           if len(ids) == args.seq_len] for recs in (harmful, harmless))
+        assert len(self.examples) >= args.batch_size and all(self.refs), "not enough bench data at --seq-len"
         self.run = surgery.parse_args(["--batch-size", str(args.batch_size), "--max-len", str(args.seq_len),
                                        "--log-every", str(10 ** 9)])
         self.run.pad_id, self.run.total_steps = tokenizer.pad_token_id, 10 ** 6
