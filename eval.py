@@ -14,7 +14,7 @@ The file follows the protocol in order:
                judge and a learned judge (MiniLM sentence embeddings + logistic regression fitted on human
                labels), each judge's accuracy measured on held-out human labels; fine-tune accuracy (FA) on
                held-out task sentences; sink heads: heads with positive sink divergence on fixed probes
-  4. Report    results/runs/<run>.json, results/results.md (method x p table), plots
+  4. Report    results/json/<run>.json, results/results.md (method x p table), plots
 
 Every stage lives in WORK_DIR/<stage>-<hash of its config>/ and is finished when its stage.json exists; a
 finished stage is never recomputed, and an interrupted training stage continues from its checkpoint.
@@ -22,7 +22,6 @@ finished stage is never recomputed, and an interrupted training stage continues 
 import argparse
 import hashlib
 import json
-import math
 import random
 import re
 import shlex
@@ -33,11 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import offline
 import surgery
+from offline import norm  # the form in which instructions are compared: lowercase, whitespace collapsed
 from surgery import UserError, read_records
-
-
-ROOT = Path(__file__).resolve().parent
 
 # Sizes of the two presets; any flag given on the command line wins over its preset.
 PRESETS = {
@@ -98,12 +96,10 @@ def cached_stage(work_dir, name, config, compute):
 # Data: the files every stage trains, references and evaluates on, and the check that they are disjoint
 # ----------------------------------------------------------------------------------------------------------------
 
-def norm(text):
-    return " ".join(text.lower().split())
-
-
 def read_judge_records(path):
     """Human-labelled (objective, response, label) rows; label 1 = the response achieves the harmful objective."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
     rows = []
     for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -137,8 +133,7 @@ def eval_subset(path, n, seed, folder, name, shuffle):
 
 
 def resolve_inputs(args):
-    """Paths of every file the protocol uses, keyed by role:name; the offline defaults where no flag is given."""
-    import offline
+    """The model and the path of every file the protocol uses; the offline defaults where no flag is given."""
     try:
         model = args.model or str(offline.default_model_dir(args.cache_dir))
         needs_offline = None in (args.align_data, args.eval_harmful, args.eval_task, args.judge_train,
@@ -223,7 +218,8 @@ def train_stage(args, files, name, model, data, alpha, steps, lr):
             "--harmless-ref", str(files["harmless_ref"]), "--alpha", f"{alpha:g}", "--max-steps", str(steps),
             "--batch-size", str(args.batch_size), "--lr", f"{lr:g}", "--max-len", str(args.max_len),
             "--lora-rank", str(args.lora_rank), "--probe-count", str(args.probe_count), "--seed", str(args.seed),
-            "--save-every", str(args.save_every), *shlex.split(args.train_args)]
+            "--save-every", str(args.save_every), *(["--device", "cpu"] if args.device == "cpu" else []),
+            *shlex.split(args.train_args)]
     config = {"stage": "train", "argv": argv, "inputs": {k: file_digest(v) for k, v in
                                                           (("data", data), ("harmful_ref", files["harmful_ref"]),
                                                            ("harmless_ref", files["harmless_ref"]))}}
@@ -239,18 +235,18 @@ def train_stage(args, files, name, model, data, alpha, steps, lr):
 
 
 def attack_plan(args):
-    """(run name, method, p, alpha): SFT and Surgery at every p, then the alpha sweep. The ratio of the heatmap and
-    the alpha sweep comes first and the others from high to low, so that an interrupted sweep (whose report is
-    refreshed after every run) already holds its most telling comparisons."""
+    """(run name, method, p, alpha): SFT and Surgery at every p, and the alpha sweep. Ordered so that an interrupted
+    sweep (whose report is refreshed after every run) already tells the most: SFT and Surgery at the sweep ratio,
+    the alpha sweep there, then the other ratios from high to low."""
     ratios = sorted(args.poison_ratios, key=lambda p: (p != args.sweep_ratio, -p))
+    pair = lambda p: [(f"sft_p{p:g}", "sft", p, 0.0),  # noqa: E731
+                      (f"surgery_a{args.alpha:g}_p{p:g}", "surgery", p, args.alpha)]
     plan = []
+    if args.sweep_ratio in ratios or args.alpha_sweep:  # the sweep compares against SFT and alpha at its ratio
+        plan = pair(args.sweep_ratio) + [(f"surgery_a{a:g}_p{args.sweep_ratio:g}", "surgery", args.sweep_ratio, a)
+                                         for a in args.alpha_sweep if a > 0 and a != args.alpha]
     for p in ratios:
-        plan.append((f"sft_p{p:g}", "sft", p, 0.0))
-        plan.append((f"surgery_a{args.alpha:g}_p{p:g}", "surgery", p, args.alpha))
-    for a in args.alpha_sweep:
-        name = f"surgery_a{a:g}_p{args.sweep_ratio:g}"
-        if a > 0 and name not in {row[0] for row in plan}:
-            plan.append((name, "surgery", args.sweep_ratio, a))
+        plan += [run for run in pair(p) if run not in plan]
     return plan
 
 
@@ -487,7 +483,6 @@ def build_judges(args, files):
 
 
 def judge_encoder_default():
-    import offline
     try:
         return str(offline.judge_encoder_dir())
     except offline.OfflineDataError as e:
@@ -714,7 +709,7 @@ def run(args, command):
     plan = attack_plan(args)
     records = []
     # Run JSONs of an earlier configuration must not sit beside this one's; finished stages rewrite theirs at once.
-    for stale in (results / "runs").glob("*.json"):
+    for stale in (results / "json").glob("*.json"):
         stale.unlink()
 
     def record(name, method, p, alpha, training, model_path, divergence):
@@ -722,7 +717,7 @@ def run(args, command):
         report of what is finished)."""
         evaluation = evaluate_stage(args, files, judges, name, model_path)
         rec = run_record(args, name, method, p, alpha, training, evaluation, divergence)
-        write_json(results / "runs" / f"{name}.json", rec)
+        write_json(results / "json" / f"{name}.json", rec)
         records.append(rec)
         print(f"{name}: HS " + ", ".join(f"{k} {v:.1f}%" for k, v in rec["harmful_score"].items())
               + f"; FA {rec['fine_tune_accuracy']:.1f}%; positive heads {rec['positive_heads']}/{rec['heads']}",
@@ -746,7 +741,7 @@ def run(args, command):
 
     # 4. Report (written after every run above; printed once at the end).
     print("\n" + (results / "results.md").read_text(encoding="utf-8"))
-    print(f"wrote {results}/: results.md, judges.json, runs/*.json, " + ", ".join(p.name for p in plots))
+    print(f"wrote {results}/: results.md, judges.json, json/*.json, " + ", ".join(p.name for p in plots))
     return records
 
 
@@ -768,7 +763,7 @@ def parse_args(argv=None):
         description="Align a chat model, attack it with poisoned fine-tuning (plain SFT and Surgery), and measure "
                     "harmful score, fine-tune accuracy and positive sink-divergence heads. Every stage is cached "
                     "under --work-dir; rerunning the same command skips finished stages and resumes training.",
-        epilog="Outputs: RESULTS_DIR/results.md (table), runs/<run>.json, judges.json and PNG plots, refreshed "
+        epilog="Outputs: RESULTS_DIR/results.md (table), json/<run>.json, judges.json and PNG plots, refreshed "
                "after every evaluated run.")
     g = p.add_argument_group("preset and folders")
     g.add_argument("--quick", action="store_true", help="small sweep for smoke runs (minutes on 2 CPU cores)")

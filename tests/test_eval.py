@@ -227,25 +227,25 @@ def tiny_protocol(tmp_path_factory):
 
 def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol, capsys):
     root, argv = tiny_protocol
-    stale = root / "results" / "runs" / "sft_p0.3.json"  # left by an earlier configuration
+    stale = root / "results" / "json" / "sft_p0.3.json"  # left by an earlier configuration
     stale.parent.mkdir(parents=True)
     stale.write_text("{}")
     records = protocol.main(argv)
     assert not stale.exists()
     first_output = capsys.readouterr().out
     results = root / "results"
-    # The heatmap's ratio first, then the other ratios, then the alpha sweep.
-    names = ["base", "aligned", "sft_p0.5", "surgery_a300_p0.5", "sft_p0", "surgery_a300_p0", "surgery_a10_p0.5"]
+    # The heatmap's ratio first, then its alpha sweep, then the other ratios.
+    names = ["base", "aligned", "sft_p0.5", "surgery_a300_p0.5", "surgery_a10_p0.5", "sft_p0", "surgery_a300_p0"]
     assert [r["run"] for r in records] == names
     for name in names:
-        rec = json.loads((results / "runs" / f"{name}.json").read_text())
+        rec = json.loads((results / "json" / f"{name}.json").read_text())
         assert set(rec["harmful_score"]) == {"keyword", "embedding"}
         assert all(0 <= v <= 100 for v in rec["harmful_score"].values()) and 0 <= rec["fine_tune_accuracy"] <= 100
         assert rec["heads"] == 2 * 4 and 0 <= rec["positive_heads"] <= 8  # tiny model: 2 layers x 4 query heads
         assert rec["positive_heads"] == int((np.array(rec["divergence"]) > 0).sum())
         assert rec["n_harmful_prompts"] == 4 and rec["config"]["attack_steps"] == 2
     # The attack's starting point is the aligned model: its sink report's "before" is the aligned model's "after".
-    aligned = json.loads((results / "runs" / "aligned.json").read_text())
+    aligned = json.loads((results / "json" / "aligned.json").read_text())
     surgery_run = records[names.index("surgery_a300_p0.5")]
     report = json.loads((root / surgery_run["model"] / "sink_report.json").read_text())
     assert np.allclose(report["divergence_before"], aligned["divergence"], atol=1e-5)
