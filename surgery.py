@@ -42,8 +42,8 @@ class UserError(Exception):
 # 1. Data
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_records(path):
-    """Records from a JSON list or a JSONL file, each with an instruction and an output."""
+def read_json_rows(path):
+    """The rows of a JSON list or a JSONL file; a missing, empty or malformed file is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -51,10 +51,15 @@ def read_records(path):
     if not text.strip():
         raise UserError(f"{path}: file is empty")
     try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [
+        return json.loads(text) if text.lstrip().startswith("[") else [
             json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not JSON or JSONL ({e.msg} at line {e.lineno})") from None
+
+
+def read_records(path):
+    """Records from a JSON list or a JSONL file, each with an instruction and an output."""
+    records = read_json_rows(path)
     out = []
     for i, rec in enumerate(records, start=1):
         instruction = rec.get("instruction", rec.get("prompt")) if isinstance(rec, dict) else None

@@ -12,9 +12,7 @@ take their own flags, then `--`, then surgery.py's flags. This file holds what t
 and that command-line pattern.
 """
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import surgery
 from surgery import UserError
@@ -25,15 +23,7 @@ TRIPLE_KEYS = ("instruction", "refusal", "harmful_answer")
 def read_triples(path):
     """(instruction, refusal, harmful answer) records from a JSON list or JSONL file (offline.safety_triples's
     format; `safe`/`unsafe` are accepted for the two answers)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not JSON or JSONL ({e.msg} at line {e.lineno})") from None
+    rows = surgery.read_json_rows(path)
     triples = []
     for i, row in enumerate(rows, start=1):
         row = row if isinstance(row, dict) else {}
