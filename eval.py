@@ -551,6 +551,15 @@ def judge_state(judge):
 # 4. Report: one JSON per run, the table, the plots
 # ----------------------------------------------------------------------------------------------------------------
 
+def training_seconds(training):
+    """Summed step times from surgery.py's train log: unlike the stage's own clock, it covers every part of a run
+    that was interrupted and resumed (loading and the probe passes are left out)."""
+    if not training:
+        return 0.0
+    log = Path(training["model"]) / "train_log.jsonl"
+    return round(sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()), 1)
+
+
 def run_record(args, name, method, p, alpha, training, evaluation, divergence):
     d = np.array(divergence)
     return {"run": name, "method": method, "poison_ratio": p, "alpha": alpha,
@@ -558,8 +567,7 @@ def run_record(args, name, method, p, alpha, training, evaluation, divergence):
             "positive_heads": int((d > 0).sum()), "heads": int(d.size), "divergence": d.tolist(),
             "n_harmful_prompts": evaluation["n_harmful"], "n_task_sentences": evaluation["n_task"],
             "task_answers_with_a_label": evaluation["answered_task"],
-            "wall_seconds": {"train": training.get("seconds", 0.0) if training else 0.0,
-                             "evaluate": evaluation["eval_seconds"]},
+            "wall_seconds": {"train": training_seconds(training), "evaluate": evaluation["eval_seconds"]},
             "config": {k: v for k, v in vars(args).items() if k not in ("quick",)},
             "model": training["model"] if training else str(args.model_path)}
 
@@ -584,7 +592,7 @@ def markdown_report(args, records, judges, command, total_runs):
              f"d_h > 0 on {args.probe_count} + {args.probe_count} fixed probes. Runs finished: {len(records)} of "
              f"{total_runs}.", "",
              "| run | method | p | alpha | " + " | ".join(f"HS {j} (%)" for j in judge_names)
-             + " | FA (%) | positive heads | train s | eval s |",
+             + " | FA (%) | positive heads | train steps s | eval s |",
              "|---|---|---|---|" + "---|" * len(judge_names) + "---|---|---|---|"]
     for r in records:
         p = "-" if r["poison_ratio"] is None else f"{r['poison_ratio']:g}"
