@@ -23,17 +23,8 @@ def image(header, data=DATA, header_len=None):
     return struct.pack("<Q", len(text) if header_len is None else header_len) + text + data
 
 
-def valid_header(**changes):
-    header = {"__metadata__": {"format": "pt"}, "a": dict(ENTRY_A), "b": dict(ENTRY_B), "c": dict(ENTRY_C)}
-    for name, entry in changes.items():
-        if entry is None:
-            header.pop(name)
-        else:
-            header[name] = entry
-    return header
-
-
 def with_field(entry, **fields):
+    """A copy of the dict with each named key set, or removed where the value is None."""
     out = dict(entry)
     for key, value in fields.items():
         if value is None:
@@ -41,6 +32,11 @@ def with_field(entry, **fields):
         else:
             out[key] = value
     return out
+
+
+def valid_header(**changes):
+    header = {"__metadata__": {"format": "pt"}, "a": dict(ENTRY_A), "b": dict(ENTRY_B), "c": dict(ENTRY_C)}
+    return with_field(header, **changes)
 
 
 def deep(levels):
