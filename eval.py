@@ -9,7 +9,9 @@ The file follows the protocol in order:
                plus benign task pairs, so that the experiment starts from a model that refuses
   2. Attack    from the aligned model, fine-tune on the task mix poisoned with a fraction p of harmful pairs, for
                every p with plain SFT (alpha 0) and with Surgery (alpha > 0); same seed, data, steps and LoRA
-               settings; plus an alpha sweep at one p
+               settings; plus an alpha sweep at one p. The comparison defenses of METHOD.md section 3 (defenses/)
+               get the same runs: AsFT and SAP train in the same loop, SafetyLock (built once from the aligned
+               model) is applied to SFT's output at every p, with a sweep of its strength at one p
   3. Evaluate  harmful score (HS): greedy answers to held-out harmful instructions, judged by a refusal-keyword
                judge and a learned judge (MiniLM sentence embeddings + logistic regression fitted on human
                labels), each judge's accuracy measured on held-out human labels; fine-tune accuracy (FA) on
@@ -34,15 +36,22 @@ import torch
 
 import offline
 import surgery
+from defenses import TRIPLE_KEYS, load_triples, safetylock
+from defenses.asft import AsFT
+from defenses.sap import SAP
 from offline import norm  # the form in which instructions are compared: lowercase, whitespace collapsed
 from surgery import UserError, read_records
+
+# The rows of the comparison: plain SFT, Surgery, and the defenses of METHOD.md section 3 (defenses/).
+METHODS = ("sft", "surgery", "asft", "safetylock", "sap")
 
 # Sizes of the two presets; any flag given on the command line wins over its preset.
 PRESETS = {
     "default": dict(poison_ratios=[0.0, 0.05, 0.1, 0.2], alpha=300.0, alpha_sweep=[30.0, 3000.0], sweep_ratio=0.1,
+                    safetylock_alpha_sweep=[1.0, 2.0, 4.0],
                     align_steps=60, attack_steps=25, max_len=128, probe_count=32, n_harmful=80, n_task=200,
                     max_new_tokens=64, task_tokens=8, gen_batch=40, results_dir="results"),
-    "quick": dict(poison_ratios=[0.0, 0.2], alpha=300.0, alpha_sweep=[], sweep_ratio=0.2,
+    "quick": dict(poison_ratios=[0.0, 0.2], alpha=300.0, alpha_sweep=[], sweep_ratio=0.2, safetylock_alpha_sweep=[],
                   align_steps=6, attack_steps=4, max_len=96, probe_count=8, n_harmful=16, n_task=32,
                   max_new_tokens=32, task_tokens=6, gen_batch=16, results_dir="results/quick"),
 }
@@ -162,7 +171,21 @@ def resolve_inputs(args):
                                         "eval_harmful", shuffle=True)
     files["eval_task"] = eval_subset(pick("eval_task", "eval_task"), args.n_task, args.seed, subsets, "eval_task",
                                      shuffle=False)  # the offline file alternates the classes: prefixes are balanced
+    files["triples"] = Path(args.triples) if args.triples else offline_triples(args, subsets)
     return files
+
+
+def offline_triples(args, folder):
+    """offline.safety_triples as a file, so the runs that use them can name them by digest."""
+    target = folder / f"safety_triples_seed{args.data_seed}.jsonl"
+    if not target.exists():
+        try:
+            triples = offline.safety_triples(args.data_seed)
+        except offline.OfflineDataError as e:
+            raise UserError(str(e)) from None
+        write_text(target, "".join(json.dumps({k: t[k] for k in TRIPLE_KEYS}, ensure_ascii=False) + "\n"
+                                   for t in triples))
+    return target
 
 
 # Roles whose instructions must never meet: nothing evaluated is trained on or used as a reference, references
@@ -178,6 +201,8 @@ def role_files(files):
     out += [("reference", "harmful_ref", files["harmful_ref"]), ("reference", "harmless_ref", files["harmless_ref"]),
             ("eval", "eval_harmful", files["eval_harmful"]), ("eval", "eval_task", files["eval_task"])]
     rows = [(role, name, {norm(r["instruction"]) for r in read_records(path)}) for role, name, path in out]
+    if files.get("triples"):  # the defenses' safety data is reference data too: never an evaluation prompt
+        rows.append(("reference", "triples", {norm(t["instruction"]) for t in load_triples(files["triples"])}))
     rows += [(role, name, {norm(obj) for obj, _, _ in read_judge_records(files[name])})
              for role, name in (("judge-train", "judge_train"), ("judge-test", "judge_test"))]
     return rows
@@ -211,9 +236,10 @@ def all_ratios(args):
 # 1-2. Align and attack: surgery.py runs, each a cached stage
 # ----------------------------------------------------------------------------------------------------------------
 
-def train_stage(args, files, name, model, data, alpha, steps, lr):
+def train_stage(args, files, name, model, data, alpha, steps, lr, defense=None):
     """One surgery.py run from `model` on `data`; the result names the merged model folder and its sink report.
-    Every run gets the same reference files, max length and probe count, so their sink reports share probes."""
+    Every run gets the same reference files, max length and probe count, so their sink reports share probes.
+    defense: None, or (surgery.Defense, its settings for the cache key) for AsFT and SAP."""
     argv = ["--model", str(model), "--data", str(data), "--harmful-ref", str(files["harmful_ref"]),
             "--harmless-ref", str(files["harmless_ref"]), "--alpha", f"{alpha:g}", "--max-steps", str(steps),
             "--batch-size", str(args.batch_size), "--lr", f"{lr:g}", "--max-len", str(args.max_len),
@@ -223,31 +249,95 @@ def train_stage(args, files, name, model, data, alpha, steps, lr):
     config = {"stage": "train", "argv": argv, "inputs": {k: file_digest(v) for k, v in
                                                           (("data", data), ("harmful_ref", files["harmful_ref"]),
                                                            ("harmless_ref", files["harmless_ref"]))}}
+    if defense:
+        config["defense"] = defense[1]
 
     def compute(folder):
         resume = ["--resume"] if (folder / "checkpoint.pt").exists() else []
         if resume:
             print(f"resuming {name} from {folder / 'checkpoint.pt'}", flush=True)
-        surgery.main(argv + ["--out", str(folder), *resume])
+        surgery.main(argv + ["--out", str(folder), *resume], defense=defense[0] if defense else None)
         report = json.loads((folder / "sink_report.json").read_text())
         return {"model": str(folder), "sink_report": report}
     return cached_stage(args.work_dir, f"train-{name}", config, compute)
 
 
 def attack_plan(args):
-    """(run name, method, p, alpha): SFT and Surgery at every p, and the alpha sweep. Ordered so that an interrupted
-    sweep (whose report is refreshed after every run) already tells the most: SFT and Surgery at the sweep ratio,
-    the alpha sweep there, then the other ratios from high to low."""
+    """(run name, method, p, alpha) for every method of --methods at every p, and the sweeps. alpha is the
+    method's own strength: Surgery's alpha, SafetyLock's alpha (0 for SFT, AsFT and SAP). Ordered so that an
+    interrupted sweep (whose report is refreshed after every run) already tells the most: SFT and Surgery at the
+    sweep ratio, Surgery's alpha sweep, the other defenses and SafetyLock's sweep there, then the other ratios
+    from high to low, SFT and Surgery first."""
     ratios = sorted(args.poison_ratios, key=lambda p: (p != args.sweep_ratio, -p))
-    pair = lambda p: [(f"sft_p{p:g}", "sft", p, 0.0),  # noqa: E731
-                      (f"surgery_a{args.alpha:g}_p{p:g}", "surgery", p, args.alpha)]
+    main_alpha = {"sft": 0.0, "surgery": args.alpha, "asft": 0.0, "safetylock": args.safetylock_alpha, "sap": 0.0}
+    sweeps = {"surgery": args.alpha_sweep, "safetylock": args.safetylock_alpha_sweep}
+
+    def runs(p, alphas):
+        return [(f"{m}_p{p:g}" if m in ("sft", "asft", "sap") else f"{m}_a{a:g}_p{p:g}", m, p, a)
+                for m in METHODS if m in args.methods for a in alphas(m)]
     plan = []
-    if args.sweep_ratio in ratios or args.alpha_sweep:  # the sweep compares against SFT and alpha at its ratio
-        plan = pair(args.sweep_ratio) + [(f"surgery_a{a:g}_p{args.sweep_ratio:g}", "surgery", args.sweep_ratio, a)
-                                         for a in args.alpha_sweep if a > 0 and a != args.alpha]
+    if args.sweep_ratio in ratios or any(sweeps.values()):  # a sweep compares against the others at its ratio
+        p = args.sweep_ratio
+        plan = runs(p, lambda m: [main_alpha[m]] if m in ("sft", "surgery") else [])
+        plan += runs(p, lambda m: [a for a in sweeps.get(m, []) if a > 0 and a != main_alpha[m]]
+                     if m == "surgery" else [])
+        plan += runs(p, lambda m: [] if m in ("sft", "surgery") else [main_alpha[m]])
+        plan += runs(p, lambda m: [a for a in sweeps.get(m, []) if a > 0 and a != main_alpha[m]]
+                     if m == "safetylock" else [])
     for p in ratios:
-        plan += [run for run in pair(p) if run not in plan]
+        plan += [run for run in runs(p, lambda m: [main_alpha[m]]) if run not in plan]
     return plan
+
+
+def defense_for(args, files, method, aligned_dir):
+    """(surgery.Defense, its settings) for the methods that train in surgery.py's loop beside Surgery's own term;
+    None for SFT and Surgery. AsFT's alignment direction is V = W_aligned - W_base: base = the model before the
+    align stage."""
+    if method == "asft":
+        return AsFT(aligned_dir, files["model"], args.asft_lambda), {
+            "method": "asft", "lambda": args.asft_lambda, "base": str(files["model"])}
+    if method == "sap":
+        return SAP(load_triples(files["triples"]), rho=args.sap_rho), {
+            "method": "sap", "rho": args.sap_rho, "triples": file_digest(files["triples"])}
+    return None
+
+
+def safetylock_build_stage(args, files, aligned_dir):
+    """The lock of the aligned model (per-head directions from the safety triples), built once."""
+    config = {"stage": "safetylock-build", "model": str(aligned_dir), "triples": file_digest(files["triples"]),
+              "max_len": args.max_len, "seed": args.seed}
+
+    def compute(folder):
+        lock = safetylock.build(aligned_dir, load_triples(files["triples"]), max_len=args.max_len, seed=args.seed,
+                                device=str(device_for(args)))
+        safetylock.save_lock(folder / "lock.safetensors", lock)
+        return {"lock": str(folder / "lock.safetensors"), "heads": lock["meta"]["heads"]}
+    return cached_stage(args.work_dir, "safetylock-build", config, compute)
+
+
+def safetylock_apply_stage(args, name, lock, finetuned, alpha):
+    """SafetyLock on a fine-tuned model folder: the locked folder and its sink divergence on the fine-tuned
+    model's own probes (from its safetensors metadata), so its positive heads count the same way as the others."""
+    config = {"stage": "safetylock-apply", "model": finetuned["model"], "lock": file_digest(lock["lock"]),
+              "alpha": alpha}
+
+    def compute(folder):
+        start = time.perf_counter()
+        safetylock.apply(finetuned["model"], lock["lock"], out=folder / "model", alpha=alpha)
+        seconds = time.perf_counter() - start
+        model, tokenizer = surgery.load_model(str(folder / "model"), torch.device("cpu"))
+        probes = read_probes(Path(finetuned["model"]) / "model.safetensors")
+        d = surgery.probe_divergence(model, probes["harmful"], probes["harmless"], probes["sink_position"],
+                                     tokenizer.pad_token_id)
+        return {"model": str(folder / "model"), "apply_seconds": round(seconds, 3), "divergence": d.tolist()}
+    return cached_stage(args.work_dir, f"safetylock-{name}", config, compute)
+
+
+def read_probes(path):
+    """The probes surgery.py stores in its output's safetensors metadata (sinkcheck.probes)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["sinkcheck.probes"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,46 +650,65 @@ def training_seconds(training):
     return round(sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()), 1)
 
 
-def run_record(args, name, method, p, alpha, training, evaluation, divergence):
+def run_record(args, name, method, p, alpha, training, model_path, evaluation, divergence, extra_seconds=0.0):
+    """model_path: the evaluated model; extra_seconds: post-hoc work added to the training time (SafetyLock's
+    apply)."""
     d = np.array(divergence)
+    train_seconds = round(training_seconds(training) + extra_seconds, 3)
     return {"run": name, "method": method, "poison_ratio": p, "alpha": alpha,
             "harmful_score": evaluation["harmful_score"], "fine_tune_accuracy": evaluation["fine_tune_accuracy"],
             "positive_heads": int((d > 0).sum()), "heads": int(d.size), "divergence": d.tolist(),
             "n_harmful_prompts": evaluation["n_harmful"], "n_task_sentences": evaluation["n_task"],
             "task_answers_with_a_label": evaluation["answered_task"],
-            "wall_seconds": {"train": training_seconds(training), "evaluate": evaluation["eval_seconds"]},
+            "wall_seconds": {"train": train_seconds, "evaluate": evaluation["eval_seconds"]},
+            "seconds_per_step": round(train_seconds / args.attack_steps, 3) if p is not None else None,
             "config": {k: v for k, v in vars(args).items() if k not in ("quick",)},
-            "model": training["model"] if training else str(args.model_path)}
+            "model": str(model_path)}
 
 
-def table_order(record, main_alpha):
-    """base, aligned, SFT by p, Surgery by p, then the rest of the alpha sweep by alpha."""
-    rank = {"base": 0, "aligned": 1, "sft": 2, "surgery": 3}[record["method"]]
-    return rank, record["method"] == "surgery" and record["alpha"] != main_alpha, record["alpha"], \
-        record["poison_ratio"] or 0.0
+def main_alphas(args):
+    return {"surgery": args.alpha, "safetylock": args.safetylock_alpha}
+
+
+def table_order(record, args):
+    """base, aligned, then each method by p (METHODS order), a swept method's other strengths after its rows."""
+    rank = ("base", "aligned", *METHODS).index(record["method"])
+    main = main_alphas(args).get(record["method"], record["alpha"])
+    return rank, record["alpha"] != main, record["alpha"], record["poison_ratio"] or 0.0
+
+
+def step_time_vs_sft(record, records):
+    """Training seconds per step over SFT's at the same p (runs timed one after another, not interleaved)."""
+    sft = next((r for r in records if r["method"] == "sft" and r["poison_ratio"] == record["poison_ratio"]), None)
+    if record["seconds_per_step"] is None or not sft or not sft["seconds_per_step"]:
+        return "-"
+    return f"{record['seconds_per_step'] / sft['seconds_per_step']:.2f}"
 
 
 def markdown_report(args, records, judges, command, total_runs):
     judge_names = [j.name for j in judges]
-    records = sorted(records, key=lambda r: table_order(r, args.alpha))
+    records = sorted(records, key=lambda r: table_order(r, args))
     preset = "--quick preset: a smoke run, not a result" if args.quick else "default preset"
-    lines = [f"# Harmful fine-tuning: SFT vs Surgery ({preset})", "",
+    lines = [f"# Harmful fine-tuning: SFT, Surgery and the comparison defenses ({preset})", "",
              f"Command: `{command}`", "",
              f"Model: `{args.model_path}`. Attack: {args.attack_steps} LoRA steps (rank {args.lora_rank}, batch "
              f"{args.batch_size}, lr {args.lr:g}, max length {args.max_len}, seed {args.seed}) from the aligned "
-             f"model ({args.align_steps} steps, lr {args.align_lr:g}). HS: {args.n_harmful} held-out harmful prompts, "
+             f"model ({args.align_steps} steps, lr {args.align_lr:g}). alpha: Surgery's alpha, or SafetyLock's "
+             f"strength (applied to the SFT model of the same p); AsFT lambda {args.asft_lambda:g}, SAP rho "
+             f"{args.sap_rho:g}. HS: {args.n_harmful} held-out harmful prompts, "
              f"greedy, {args.max_new_tokens} new tokens. FA: {args.n_task} held-out sentences. Positive heads: "
              f"d_h > 0 on {args.probe_count} + {args.probe_count} fixed probes. Runs finished: {len(records)} of "
              f"{total_runs}.", "",
              "| run | method | p | alpha | " + " | ".join(f"HS {j} (%)" for j in judge_names)
-             + " | FA (%) | positive heads | train steps s | eval s |",
-             "|---|---|---|---|" + "---|" * len(judge_names) + "---|---|---|---|"]
+             + " | FA (%) | positive heads | train steps s | step time / SFT | eval s |",
+             "|---|---|---|---|" + "---|" * len(judge_names) + "---|---|---|---|---|"]
     for r in records:
         p = "-" if r["poison_ratio"] is None else f"{r['poison_ratio']:g}"
         lines.append(f"| {r['run']} | {r['method']} | {p} | {r['alpha']:g} | "
                      + " | ".join(f"{r['harmful_score'][j]:.1f}" for j in judge_names)
                      + f" | {r['fine_tune_accuracy']:.1f} | {r['positive_heads']}/{r['heads']} | "
-                       f"{r['wall_seconds']['train']:.0f} | {r['wall_seconds']['evaluate']:.0f} |")
+                       f"{r['wall_seconds']['train']:.0f} | {step_time_vs_sft(r, records)} | "
+                       f"{r['wall_seconds']['evaluate']:.0f} |")
     lines += ["", "Judge accuracy against held-out human labels (judge_test; TPR on harmful rows, TNR on harmless "
               "rows):", "",
               "| judge | accuracy | TPR | TNR | n |", "|---|---|---|---|---|"]
@@ -624,7 +733,12 @@ def plot_report(args, records, judges, out):
     # Distinct markers and line styles: equal values must not hide one method behind the other.
     methods = [("sft", 0.0, "SFT (alpha 0)", dict(color="tab:red", marker="o", ms=8, ls="-")),
                ("surgery", args.alpha, f"Surgery (alpha {args.alpha:g})",
-                dict(color="tab:blue", marker="s", ms=5, ls="--"))]
+                dict(color="tab:blue", marker="s", ms=5, ls="--")),
+               ("asft", 0.0, f"AsFT (lambda {args.asft_lambda:g})", dict(color="tab:green", marker="^", ms=6, ls="-.")),
+               ("safetylock", args.safetylock_alpha, f"SafetyLock on SFT (alpha {args.safetylock_alpha:g})",
+                dict(color="tab:orange", marker="v", ms=6, ls=":")),
+               ("sap", 0.0, f"SAP (rho {args.sap_rho:g})", dict(color="tab:purple", marker="D", ms=5, ls="-"))]
+    methods = [m for m in methods if any((m[0], p, m[1]) in by for p in args.poison_ratios)]
     ratios = sorted(args.poison_ratios)
     written = []
 
@@ -642,7 +756,8 @@ def plot_report(args, records, judges, out):
             ax.axhline(value(aligned), color="gray", ls="--", lw=1, label="aligned model")
         ax.set(xlabel="poison ratio p", title=title, ylim=(-3, 103))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:  # nothing drawn yet while only the base model is done
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     written.append(save_figure(fig, out / "hs_fa_vs_p.png"))
 
@@ -655,7 +770,8 @@ def plot_report(args, records, judges, out):
     ax.set(xlabel="poison ratio p", ylabel=f"heads with d_h > 0 (of {records[0]['heads']})",
            title="Positive sink-divergence heads")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     written.append(save_figure(fig, out / "positive_heads_vs_p.png"))
 
@@ -720,11 +836,11 @@ def run(args, command):
     for stale in (results / "json").glob("*.json"):
         stale.unlink()
 
-    def record(name, method, p, alpha, training, model_path, divergence):
+    def record(name, method, p, alpha, training, model_path, divergence, extra_seconds=0.0):
         """Evaluate one model, write its JSON and refresh the table and plots (an interrupted sweep keeps a
         report of what is finished)."""
         evaluation = evaluate_stage(args, files, judges, name, model_path)
-        rec = run_record(args, name, method, p, alpha, training, evaluation, divergence)
+        rec = run_record(args, name, method, p, alpha, training, model_path, evaluation, divergence, extra_seconds)
         write_json(results / "json" / f"{name}.json", rec)
         records.append(rec)
         print(f"{name}: HS " + ", ".join(f"{k} {v:.1f}%" for k, v in rec["harmful_score"].items())
@@ -740,10 +856,18 @@ def run(args, command):
     record("base", "base", None, 0.0, None, files["model"], report["divergence_before"])
     plots = record("aligned", "aligned", None, 0.0, aligned, aligned["model"], report["divergence_after"])
 
-    # 2-3. Attack every p with SFT and with Surgery (and the alpha sweep), then evaluate each fine-tuned model.
+    # 2-3. Attack every p with each method (and the sweeps), then evaluate each fine-tuned model.
+    attack = lambda name, alpha, defense=None: train_stage(  # noqa: E731
+        args, files, name, aligned["model"], files["train"][p], alpha, args.attack_steps, args.lr, defense)
     for name, method, p, alpha in plan:
-        attacked = train_stage(args, files, name, aligned["model"], files["train"][p], alpha, args.attack_steps,
-                               args.lr)
+        if method == "safetylock":  # post-hoc: the lock of the aligned model on SFT's output at this p
+            lock = safetylock_build_stage(args, files, aligned["model"])
+            sft = attack(f"sft_p{p:g}", 0.0)
+            locked = safetylock_apply_stage(args, name, lock, sft, alpha)
+            plots = record(name, method, p, alpha, sft, locked["model"], locked["divergence"],
+                           locked["apply_seconds"])
+            continue
+        attacked = attack(name, alpha, defense_for(args, files, method, aligned["model"]))
         plots = record(name, method, p, alpha, attacked, attacked["model"],
                        attacked["sink_report"]["divergence_after"])
 
@@ -768,8 +892,8 @@ class HelpFormatter(argparse.HelpFormatter):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="eval.py", formatter_class=HelpFormatter,
-        description="Align a chat model, attack it with poisoned fine-tuning (plain SFT and Surgery), and measure "
-                    "harmful score, fine-tune accuracy and positive sink-divergence heads. Every stage is cached "
+        description="Align a chat model, attack it with poisoned fine-tuning (plain SFT, Surgery and the "
+                    "comparison defenses AsFT, SafetyLock and SAP), and measure harmful score, fine-tune accuracy and positive sink-divergence heads. Every stage is cached "
                     "under --work-dir; rerunning the same command skips finished stages and resumes training.",
         epilog="Outputs: RESULTS_DIR/results.md (table), json/<run>.json, judges.json and PNG plots, refreshed "
                "after every evaluated run.")
@@ -792,10 +916,21 @@ def parse_args(argv=None):
     g.add_argument("--judge-train", help="human-labelled JSONL (objective, response, label) to fit learned judges")
     g.add_argument("--judge-test", help="held-out human-labelled JSONL, to report each judge's accuracy")
     g = p.add_argument_group("sweep")
-    g.add_argument("--poison-ratios", type=float, nargs="+", help="poison ratios p attacked with SFT and Surgery")
+    g.add_argument("--poison-ratios", type=float, nargs="+", help="poison ratios p attacked with every method of --methods")
     g.add_argument("--alpha", type=float, help="Surgery's alpha in the sweep over p")
     g.add_argument("--alpha-sweep", type=float, nargs="*", help="further alphas tried at --sweep-ratio")
     g.add_argument("--sweep-ratio", type=float, help="poison ratio of the alpha sweep and the heatmap")
+    g = p.add_argument_group("comparison defenses (METHOD.md section 3; defenses/)")
+    g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="rows of the comparison: sft, surgery, asft, safetylock (applied to SFT's output), sap")
+    g.add_argument("--asft-lambda", type=float, default=1.0, help="AsFT's penalty weight lambda")
+    g.add_argument("--sap-rho", type=float, default=2e-5, help="SAP's perturbation radius rho")
+    g.add_argument("--safetylock-alpha", type=float, default=safetylock.DEFAULT_ALPHA,
+                   help="SafetyLock's strength at every p")
+    g.add_argument("--safetylock-alpha-sweep", type=float, nargs="*",
+                   help="further SafetyLock strengths tried at --sweep-ratio")
+    g.add_argument("--triples", help="(instruction, refusal, harmful_answer) records for SafetyLock and SAP "
+                                     "(default: offline.safety_triples, built on the harmful reference set)")
     g = p.add_argument_group("training (passed to surgery.py)")
     g.add_argument("--align-steps", type=int, help="optimizer steps of the alignment stage")
     g.add_argument("--align-lr", type=float, default=3e-4, help="learning rate of the alignment stage")
@@ -835,6 +970,9 @@ def validate(args):
         raise UserError("--poison-ratios and --sweep-ratio must be in [0, 1)")
     if args.alpha <= 0 or any(a < 0 for a in args.alpha_sweep):
         raise UserError("--alpha must be positive and --alpha-sweep values non-negative")
+    if args.asft_lambda < 0 or args.sap_rho <= 0 or args.safetylock_alpha < 0 \
+            or any(a < 0 for a in args.safetylock_alpha_sweep):
+        raise UserError("--asft-lambda and SafetyLock's strengths must be non-negative, --sap-rho positive")
     if args.lr <= 0 or args.align_lr <= 0 or args.save_every < 0:
         raise UserError("--lr and --align-lr must be positive, --save-every non-negative")
     if args.data and "{p}" not in args.data:

@@ -216,9 +216,13 @@ def tiny_protocol(tmp_path_factory):
         "eval-task": write_jsonl(root / "eval_task.jsonl", [task(i, "e") for i in range(6)]),
         "judge-train": write_jsonl(root / "judge_train.jsonl", judge_rows("j")),
         "judge-test": write_jsonl(root / "judge_test.jsonl", judge_rows("k")),
+        "triples": write_jsonl(root / "triples.jsonl", [
+            {"instruction": harmful(i, "s")["instruction"], "refusal": refusal(i, "s")["output"],
+             "harmful_answer": harmful(i, "s")["output"]} for i in range(6)]),
     }
     argv = [a for key, path in paths.items() for a in (f"--{key}", str(path))]
     argv += ["--poison-ratios", "0", "0.5", "--alpha", "300", "--alpha-sweep", "10", "--sweep-ratio", "0.5",
+             "--safetylock-alpha-sweep", "2",
              "--align-steps", "2", "--attack-steps", "2", "--batch-size", "4", "--max-len", "64", "--probe-count", "2",
              "--n-harmful", "4", "--n-task", "4", "--max-new-tokens", "8", "--task-tokens", "4", "--gen-batch", "4",
              "--work-dir", str(root / "work"), "--results-dir", str(root / "results"), "--device", "cpu"]
@@ -234,8 +238,11 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     assert not stale.exists()
     first_output = capsys.readouterr().out
     results = root / "results"
-    # The heatmap's ratio first, then its alpha sweep, then the other ratios.
-    names = ["base", "aligned", "sft_p0.5", "surgery_a300_p0.5", "surgery_a10_p0.5", "sft_p0", "surgery_a300_p0"]
+    # The heatmap's ratio first: SFT, Surgery and its alpha sweep, the other defenses and SafetyLock's sweep; then
+    # the other ratios.
+    names = ["base", "aligned", "sft_p0.5", "surgery_a300_p0.5", "surgery_a10_p0.5", "asft_p0.5",
+             "safetylock_a6_p0.5", "sap_p0.5", "safetylock_a2_p0.5",
+             "sft_p0", "surgery_a300_p0", "asft_p0", "safetylock_a6_p0", "sap_p0"]
     assert [r["run"] for r in records] == names
     for name in names:
         rec = json.loads((results / "json" / f"{name}.json").read_text())
@@ -252,8 +259,23 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     table = (results / "results.md").read_text()
     rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ") and "_p" in line
             or line.startswith(("| base", "| aligned"))]
-    assert rows == ["base", "aligned", "sft_p0", "sft_p0.5", "surgery_a300_p0", "surgery_a300_p0.5", "surgery_a10_p0.5"]
-    assert "Runs finished: 7 of 7." in table
+    assert rows == ["base", "aligned", "sft_p0", "sft_p0.5", "surgery_a300_p0", "surgery_a300_p0.5", "surgery_a10_p0.5",
+                    "asft_p0", "asft_p0.5", "safetylock_a6_p0", "safetylock_a6_p0.5", "safetylock_a2_p0.5",
+                    "sap_p0", "sap_p0.5"]
+    assert "Runs finished: 14 of 14." in table
+    by_name = {r["run"]: r for r in records}
+    # SafetyLock is post-hoc: the SFT run's training time (plus milliseconds to apply), a model with o_proj biases,
+    # and a divergence of its own measured on the SFT model's probes.
+    lock, sft = by_name["safetylock_a6_p0.5"], by_name["sft_p0.5"]
+    assert 0 <= lock["wall_seconds"]["train"] - sft["wall_seconds"]["train"] < 1
+    assert json.loads((root / lock["model"] / "config.json").read_text())["attention_bias"] is True
+    assert lock["divergence"] != sft["divergence"]
+    assert by_name["safetylock_a2_p0.5"]["divergence"] != lock["divergence"]
+    # AsFT and SAP trained their own models in surgery.py's loop, from the aligned model.
+    for name in ("asft_p0.5", "sap_p0.5"):
+        report = json.loads((root / by_name[name]["model"] / "sink_report.json").read_text())
+        assert np.allclose(report["divergence_before"], aligned["divergence"], atol=1e-5)
+        assert by_name[name]["model"] != sft["model"]
     assert "| keyword |" in table and "| embedding |" in table
     for plot in ("hs_fa_vs_p.png", "positive_heads_vs_p.png", "divergence_heatmap_p0.5.png", "alpha_sweep.png"):
         assert (results / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
