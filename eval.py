@@ -893,7 +893,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="eval.py", formatter_class=HelpFormatter,
         description="Align a chat model, attack it with poisoned fine-tuning (plain SFT, Surgery and the "
-                    "comparison defenses AsFT, SafetyLock and SAP), and measure harmful score, fine-tune accuracy and positive sink-divergence heads. Every stage is cached "
+                    "comparison defenses AsFT, SafetyLock and SAP), and measure harmful score, fine-tune accuracy "
+                    "and positive sink-divergence heads. Every stage is cached "
                     "under --work-dir; rerunning the same command skips finished stages and resumes training.",
         epilog="Outputs: RESULTS_DIR/results.md (table), json/<run>.json, judges.json and PNG plots, refreshed "
                "after every evaluated run.")
@@ -916,7 +917,8 @@ def parse_args(argv=None):
     g.add_argument("--judge-train", help="human-labelled JSONL (objective, response, label) to fit learned judges")
     g.add_argument("--judge-test", help="held-out human-labelled JSONL, to report each judge's accuracy")
     g = p.add_argument_group("sweep")
-    g.add_argument("--poison-ratios", type=float, nargs="+", help="poison ratios p attacked with every method of --methods")
+    g.add_argument("--poison-ratios", type=float, nargs="+",
+                   help="poison ratios p attacked with every method of --methods")
     g.add_argument("--alpha", type=float, help="Surgery's alpha in the sweep over p")
     g.add_argument("--alpha-sweep", type=float, nargs="*", help="further alphas tried at --sweep-ratio")
     g.add_argument("--sweep-ratio", type=float, help="poison ratio of the alpha sweep and the heatmap")
