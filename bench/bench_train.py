@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Training-step cost of Surgery: (a) plain LoRA SFT, (b) Surgery with the fused sink column, (c) Surgery from
-eager attention maps as the released code does. Same model, batch and sequence length. Prints the ratios
-(b)/(a) and (c)/(a) of median step time and of peak memory.
+eager attention maps as the released code does; with --variants, also (d) AsFT and (e) SAP in the same loop
+(defenses/). Same model, batch and sequence length. Prints each variant's ratio to (a) of median step time and of
+peak memory.
 
-    python bench/bench_train.py [--model M] [--batch-size 8] [--seq-len 256] [--rounds 6]
+    python bench/bench_train.py [--model M] [--batch-size 8] [--seq-len 256] [--rounds 6] [--variants abc]
 
 Step time: one process runs the three variants interleaved (a round is one step of each, in rotating order),
 so load from other processes falls on all three alike; the median over rounds is compared. Peak memory: each
@@ -24,8 +25,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import surgery  # noqa: E402
+from defenses.asft import AsFT  # noqa: E402
+from defenses.sap import SAP  # noqa: E402
 
-VARIANTS = {"a": "plain LoRA SFT", "b": "Surgery, fused sink column", "c": "Surgery, eager attention maps"}
+VARIANTS = {"a": "plain LoRA SFT", "b": "Surgery, fused sink column", "c": "Surgery, eager attention maps",
+            "d": "AsFT (lambda 1)", "e": "SAP (rho 2e-5)"}
+
+
+class RandomDirectionAsFT(AsFT):
+    """AsFT with a random alignment direction V per adapted layer: the penalty's cost depends on V's shape, not its
+    values, and the bench has no aligned model to take V from."""
+
+    def __init__(self):
+        self.lam = 1.0
+
+    def setup(self, model, tokenizer, args):
+        draw = torch.Generator().manual_seed(0)
+        self.anchors = []
+        for module in surgery.lora_modules(model).values():
+            V = 1e-3 * torch.randn(module.base.weight.shape, generator=draw).to(module.base.weight.device)
+            self.anchors.append((module, V, float(V.norm())))
 
 
 def long_records(records, tokenizer, seq_len):
@@ -65,19 +84,25 @@ class Bench:
         surgery.add_lora(self.model, set(self.run.lora_targets), self.run.lora_rank, self.run.lora_alpha,
                          self.run.lora_dropout)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        # SAP's probe hooks stay on the model for every variant; between SAP's steps the probe is zero.
+        self.defenses = {"d": RandomDirectionAsFT() if "d" in args.variants else None,
+                         "e": SAP() if "e" in args.variants else None}
+        for defense in filter(None, self.defenses.values()):
+            defense.setup(self.model, tokenizer, self.run)
         self.model.train()
         self.step_index = 0
 
     def step(self, variant):
         """One training step of a variant; returns its seconds."""
-        self.run.alpha = 0.0 if variant == "a" else 300.0
+        self.run.alpha = 300.0 if variant in "bc" else 0.0
         self.run.sink_impl = "eager" if variant == "c" else "fused"
         # The released code keeps every attention map: eager attention for the whole step.
         self.model.set_attn_implementation("eager" if variant == "c" else surgery.SINK_ATTENTION)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        surgery.train_step(self.model, self.optimizer, self.step_index, self.examples, self.refs, self.run, (0, 1))
+        surgery.train_step(self.model, self.optimizer, self.step_index, self.examples, self.refs, self.run, (0, 1),
+                           self.defenses.get(variant))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.step_index += 1
@@ -101,8 +126,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=8, help="task sequences per step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per task and reference sequence")
     p.add_argument("--rounds", type=int, default=6, help="timed rounds (one step of each variant per round)")
+    p.add_argument("--variants", default="abc", help="which variants to run, (a) always: a SFT, b fused Surgery, "
+                                                     "c eager Surgery, d AsFT, e SAP")
     p.add_argument("--memory-of", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args()
+    if not set(args.variants) <= set(VARIANTS):
+        p.error(f"--variants: letters among {''.join(VARIANTS)}")
+    args.variants = "a" + "".join(v for v in VARIANTS if v in args.variants and v != "a")
     if args.model is None:
         import offline
         args.model = str(offline.default_model_dir())
@@ -111,8 +141,8 @@ def main():
         return
 
     peaks = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--memory-of", variant, "--model", args.model,
+    for variant in args.variants:
+        cmd = [sys.executable, __file__, "--memory-of", variant, "--variants", variant, "--model", args.model,
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -120,23 +150,24 @@ def main():
         peaks[variant] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
 
     bench = Bench(args)
-    for variant in VARIANTS:  # warm-up: first calls pay for allocations and kernel selection
+    for variant in args.variants:  # warm-up: first calls pay for allocations and kernel selection
         bench.step(variant)
-    times = {variant: [] for variant in VARIANTS}
-    order = list(VARIANTS)
+    times = {variant: [] for variant in args.variants}
+    order = list(args.variants)
     for round_index in range(args.rounds):
-        for variant in order[round_index % 3:] + order[:round_index % 3]:
+        shift = round_index % len(order)
+        for variant in order[shift:] + order[:shift]:
             times[variant].append(bench.step(variant))
         print(f"round {round_index + 1}/{args.rounds}: " + "  ".join(
-            f"({v}) {times[v][-1]:.2f} s" for v in VARIANTS), file=sys.stderr, flush=True)
+            f"({v}) {times[v][-1]:.2f} s" for v in order), file=sys.stderr, flush=True)
     median = {variant: statistics.median(t) for variant, t in times.items()}
 
     print(f"{Path(args.model).name} on {bench.device}, batch {args.batch_size} x {args.seq_len} tokens, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
-    for variant, name in VARIANTS.items():
-        print(f"({variant}) {name:30s} median step {median[variant]:7.3f} s   peak memory "
+    for variant in order:
+        print(f"({variant}) {VARIANTS[variant]:33s} median step {median[variant]:7.3f} s   peak memory "
               f"{peaks[variant] / 2**20:7.0f} MiB")
-    for variant in ("b", "c"):
+    for variant in order[1:]:
         print(f"({variant})/(a): step time {median[variant] / median['a']:.3f}   "
               f"peak memory {peaks[variant] / peaks['a']:.3f}")
 
