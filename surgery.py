@@ -598,7 +598,8 @@ def train(args, defense=None):
         log_file.writelines(line + "\n" for line in kept)
         print(f"surgery: {len(examples)} examples ({dropped} without answer tokens dropped), "
               f"{len(refs[0])} harmful / {len(refs[1])} harmless references, {args.total_steps} steps, "
-              f"alpha {args.alpha}, {sum(p.numel() for p in trainable):,} LoRA parameters, "
+              f"alpha {args.alpha}{f', defense {type(defense).__name__}' if defense else ''}, "
+              f"{sum(p.numel() for p in trainable):,} LoRA parameters, "
               f"{world_size} process(es) on {device}", flush=True)
     from tqdm.auto import tqdm
     bar = tqdm(total=args.total_steps, initial=start, disable=not main_rank, desc="fine-tuning",
