@@ -351,6 +351,13 @@ class Defense:
     def after_step(self, model, step):
         """After the optimizer step (e.g. SAP removes its probe, so nothing after training sees it)."""
 
+    def state_dict(self):
+        """What the defense carries from step to step (tensors and plain values), saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state):
+        """Restores state_dict() when a run resumes."""
+
 
 def train_step(model, optimizer, step, examples, refs, args, world, defense=None):
     """One optimizer step: task loss over the global batch plus alpha times the sink penalty."""
@@ -432,18 +439,20 @@ def adapter_state(model):
     return state
 
 
-def save_checkpoint(path, model, optimizer, step):
+def save_checkpoint(path, model, optimizer, step, defense=None):
     state = {"step": step, "lora": {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k},
-             "optimizer": optimizer.state_dict()}
+             "optimizer": optimizer.state_dict(), "defense": defense.state_dict() if defense is not None else {}}
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path, model, optimizer):
+def load_checkpoint(path, model, optimizer, defense=None):
     state = torch.load(path, map_location=model.device, weights_only=True)
     missing = model.load_state_dict(state["lora"], strict=False)
     if missing.unexpected_keys or any("lora_" in k for k in missing.missing_keys):
         raise UserError(f"{path}: checkpoint does not match this model and LoRA configuration")
     optimizer.load_state_dict(state["optimizer"])
+    if defense is not None:
+        defense.load_state_dict(state.get("defense", {}))
     return state["step"]
 
 
@@ -587,7 +596,7 @@ def train(args, defense=None):
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     if defense is not None:
         defense.setup(model, tokenizer, args)
-    start = load_checkpoint(checkpoint, model, optimizer) if args.resume else 0
+    start = load_checkpoint(checkpoint, model, optimizer, defense) if args.resume else 0
     model.train()
 
     if main_rank:
@@ -621,11 +630,11 @@ def train(args, defense=None):
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
                 if args.save_every and done % args.save_every == 0 and done < args.total_steps:
-                    save_checkpoint(checkpoint, model, optimizer, done)
+                    save_checkpoint(checkpoint, model, optimizer, done, defense)
     except KeyboardInterrupt:
         if main_rank:
             bar.close()
-            save_checkpoint(checkpoint, model, optimizer, done)
+            save_checkpoint(checkpoint, model, optimizer, done, defense)
             print(f"\ninterrupted: {done} of {args.total_steps} steps saved to {checkpoint}; "
                   f"continue with --resume", file=sys.stderr)
         raise SystemExit(130)

@@ -220,6 +220,14 @@ class SAP(surgery.Defense):
         # the exported model) sees it.
         self.probe.reset()
 
+    def state_dict(self):
+        # The probe itself restarts from zero every step; its Adam moments carry over, so a resumed run needs them.
+        return {"probe_optimizer": self.probe.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        if "probe_optimizer" in state:
+            self.probe.optimizer.load_state_dict(state["probe_optimizer"])
+
 
 def layer_list(text):
     """"3,8" -> [3, 8] (argparse reports a ValueError as an invalid value, exit 2)."""
