@@ -145,7 +145,7 @@ def test_an_interrupted_stage_is_not_finished_and_training_resumes(tmp_path, mon
     """A training run stopped mid-way leaves a checkpoint and no stage.json; the next call passes --resume."""
     argvs = []
 
-    def fake_surgery(argv):
+    def fake_surgery(argv, defense=None):
         argvs.append(argv)
         out = surgery.parse_args(argv).out
         if len(argvs) == 1:  # the first run is interrupted after saving its checkpoint
