@@ -1,3 +1,4 @@
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -38,3 +39,20 @@ def run_args(inputs, out, *extra):
     return ["--model", inputs["model"], "--data", inputs["data"], "--harmful-ref", inputs["harmful_ref"],
             "--harmless-ref", inputs["harmless_ref"], *(["--out", str(out)] if out else []), "--max-len", "160",
             "--batch-size", "4", *extra]
+
+
+@contextlib.contextmanager
+def ctrl_c_at_step(stop_step):
+    """surgery.train_step raises KeyboardInterrupt (a Ctrl-C) when it reaches step `stop_step`, inside the block."""
+    import surgery
+    real_step = surgery.train_step
+
+    def interrupted_step(model, optimizer, step, *rest):
+        if step == stop_step:
+            raise KeyboardInterrupt
+        return real_step(model, optimizer, step, *rest)
+    surgery.train_step = interrupted_step
+    try:
+        yield
+    finally:
+        surgery.train_step = real_step

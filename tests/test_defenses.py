@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import surgery
-from conftest import run_args, write_jsonl
+from conftest import ctrl_c_at_step, run_args, write_jsonl
 from defenses import asft, read_triples, safetylock, sap
 from surgery import UserError
 from tiny import save_tiny, tiny_model
@@ -214,23 +214,15 @@ def test_sap_runs_in_the_loop_and_a_vanishing_probe_is_sft(tmp_path, tiny_run_in
         pytest.approx([e["task_loss"] for e in loop_log(tmp_path / "sft")], rel=1e-6)
 
 
-def test_sap_resume_restores_the_probe_optimizer_bit_for_bit(tmp_path, tiny_run_inputs, monkeypatch):
+def test_sap_resume_restores_the_probe_optimizer_bit_for_bit(tmp_path, tiny_run_inputs):
     # The probe restarts from zero every step but its Adam moments carry over: a checkpoint must hold them.
     loop = ("--max-steps", "4", "--save-every", "2", "--lr", "1e-2", "--alpha", "0")
     reference, _ = surgery.main(run_args(tiny_run_inputs, tmp_path / "full", *loop),
                                 defense=sap.SAP(TRIPLES, safety_batch=2))
-    real_step = surgery.train_step
-
-    def interrupted_step(model, optimizer, step, *rest):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(model, optimizer, step, *rest)
-    monkeypatch.setattr(surgery, "train_step", interrupted_step)
-    with pytest.raises(SystemExit):
+    with ctrl_c_at_step(3), pytest.raises(SystemExit):
         surgery.main(run_args(tiny_run_inputs, tmp_path / "cut", *loop), defense=sap.SAP(TRIPLES, safety_batch=2))
     saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 3 and saved["defense"]["probe_optimizer"]["state"]
-    monkeypatch.setattr(surgery, "train_step", real_step)
     resumed, _ = surgery.main(run_args(tiny_run_inputs, tmp_path / "cut", *loop, "--resume"),
                               defense=sap.SAP(TRIPLES, safety_batch=2))
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import surgery
-from conftest import ROOT, run_args, write_jsonl
+from conftest import ROOT, ctrl_c_at_step, run_args, write_jsonl
 from tiny import FAMILIES, tiny_model
 
 
@@ -265,21 +265,14 @@ def test_adapter_loads_with_peft_when_installed(tmp_path, tiny_run_inputs):
     assert (with_adapter(ids).logits - merged(ids).logits).abs().max() < 1e-5
 
 
-def test_resume_after_interrupt_is_bit_for_bit(tmp_path, tiny_run_inputs, monkeypatch):
+def test_resume_after_interrupt_is_bit_for_bit(tmp_path, tiny_run_inputs):
     args = ("--max-steps", "6", "--save-every", "2", "--lr", "5e-3")
     reference, _ = surgery.main(run_args(tiny_run_inputs, tmp_path / "full", *args))
 
-    real_step = surgery.train_step
-    def interrupted_step(model, optimizer, step, *rest):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(model, optimizer, step, *rest)
-    monkeypatch.setattr(surgery, "train_step", interrupted_step)
-    with pytest.raises(SystemExit) as exit_info:
+    with ctrl_c_at_step(3), pytest.raises(SystemExit) as exit_info:
         surgery.main(run_args(tiny_run_inputs, tmp_path / "cut", *args))
     assert exit_info.value.code == 130
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
-    monkeypatch.setattr(surgery, "train_step", real_step)
     resumed, _ = surgery.main(run_args(tiny_run_inputs, tmp_path / "cut", *args, "--resume"))
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
