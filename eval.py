@@ -37,21 +37,24 @@ import torch
 import offline
 import surgery
 from defenses import TRIPLE_KEYS, load_triples, safetylock
-from defenses.asft import AsFT
+from defenses.asft import AsFT, UnanchoredAsFT
 from defenses.sap import SAP
 from offline import norm  # the form in which instructions are compared: lowercase, whitespace collapsed
 from surgery import UserError, read_records
 
 # The rows of the comparison: plain SFT, Surgery, and the defenses of METHOD.md section 3 (defenses/).
 METHODS = ("sft", "surgery", "asft", "safetylock", "sap")
+# An ablation run at the sweep ratio beside AsFT: its penalty with C = 0, a plain norm penalty on the update.
+ASFT_ABLATION = "asft_c0"
 
 # Sizes of the two presets; any flag given on the command line wins over its preset.
 PRESETS = {
     "default": dict(poison_ratios=[0.0, 0.05, 0.1, 0.2], alpha=300.0, alpha_sweep=[30.0, 3000.0], sweep_ratio=0.1,
-                    safetylock_alpha_sweep=[1.0, 2.0, 4.0],
+                    safetylock_alpha_sweep=[1.0, 2.0, 4.0], asft_ablation=True,
                     align_steps=60, attack_steps=25, max_len=128, probe_count=32, n_harmful=80, n_task=200,
                     max_new_tokens=64, task_tokens=8, gen_batch=40, results_dir="results"),
     "quick": dict(poison_ratios=[0.0, 0.2], alpha=300.0, alpha_sweep=[], sweep_ratio=0.2, safetylock_alpha_sweep=[],
+                  asft_ablation=False,
                   align_steps=6, attack_steps=4, max_len=96, probe_count=8, n_harmful=16, n_task=32,
                   max_new_tokens=32, task_tokens=6, gen_batch=16, results_dir="results/quick"),
 }
@@ -284,6 +287,8 @@ def attack_plan(args):
         plan += runs(p, lambda m: [] if m in ("sft", "surgery") else [main_alpha[m]])
         plan += runs(p, lambda m: [a for a in sweeps.get(m, []) if a > 0 and a != main_alpha[m]]
                      if m == "safetylock" else [])
+        if args.asft_ablation and "asft" in args.methods:
+            plan.append((f"{ASFT_ABLATION}_p{p:g}", ASFT_ABLATION, p, 0.0))
     for p in ratios:
         plan += [run for run in runs(p, lambda m: [main_alpha[m]]) if run not in plan]
     return plan
@@ -296,6 +301,8 @@ def defense_for(args, files, method, aligned_dir):
     if method == "asft":
         return AsFT(aligned_dir, files["model"], args.asft_lambda), {
             "method": "asft", "lambda": args.asft_lambda, "base": str(files["model"])}
+    if method == ASFT_ABLATION:
+        return UnanchoredAsFT(args.asft_lambda), {"method": ASFT_ABLATION, "lambda": args.asft_lambda}
     if method == "sap":
         return SAP(load_triples(files["triples"]), rho=args.sap_rho), {
             "method": "sap", "rho": args.sap_rho, "triples": file_digest(files["triples"])}
@@ -672,7 +679,7 @@ def main_alphas(args):
 
 def table_order(record, args):
     """base, aligned, then each method by p (METHODS order), a swept method's other strengths after its rows."""
-    rank = ("base", "aligned", *METHODS).index(record["method"])
+    rank = ("base", "aligned", *METHODS[:3], ASFT_ABLATION, *METHODS[3:]).index(record["method"])
     main = main_alphas(args).get(record["method"], record["alpha"])
     return rank, record["alpha"] != main, record["alpha"], record["poison_ratio"] or 0.0
 
@@ -926,6 +933,8 @@ def parse_args(argv=None):
     g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    help="rows of the comparison: sft, surgery, asft, safetylock (applied to SFT's output), sap")
     g.add_argument("--asft-lambda", type=float, default=1.0, help="AsFT's penalty weight lambda")
+    g.add_argument("--asft-ablation", action=argparse.BooleanOptionalAction,
+                   help="also AsFT with C = 0 (a plain norm penalty on the LoRA update) at --sweep-ratio")
     g.add_argument("--sap-rho", type=float, default=2e-5, help="SAP's perturbation radius rho")
     g.add_argument("--safetylock-alpha", type=float, default=safetylock.DEFAULT_ALPHA,
                    help="SafetyLock's strength at every p")

@@ -111,6 +111,18 @@ class AsFT(surgery.Defense):
                               for m, V, V_norm in self.anchors)
 
 
+class UnanchoredAsFT(AsFT):
+    """The ablation of AsFT's anchor: C_m = 0 in every layer, so the penalty is lambda * sum_m ||B_m A_m||_F^2, a
+    plain norm penalty on the LoRA update. Run beside AsFT, it tells how much of AsFT's effect comes from the
+    alignment direction and how much from holding the update small."""
+
+    def __init__(self, lam=1.0):
+        super().__init__(None, None, lam)
+
+    def setup(self, model, tokenizer, args):
+        self.anchors = [(module, None, 0.0) for module in surgery.lora_modules(model).values()]
+
+
 def main(argv=None):
     parser = loop_parser(
         "python -m defenses.asft",

@@ -52,6 +52,20 @@ def test_asft_penalty_and_gradient_match_the_dense_formula():
         assert torch.allclose(g_fast, g_dense, rtol=1e-10, atol=1e-12)
 
 
+def test_unanchored_asft_is_lambda_times_the_update_norm():
+    model, _ = tiny_model()
+    surgery.add_lora(model, {"q_proj", "v_proj"}, rank=2, lora_alpha=4, dropout=0.0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for module in surgery.lora_modules(model).values():
+            module.lora_B.normal_()  # B starts at zero: give the update a size
+    ablation = asft.UnanchoredAsFT(lam=0.5)
+    ablation.setup(model, None, None)
+    expected = 0.5 * sum((m.lora_B @ m.lora_A).pow(2).sum() for m in surgery.lora_modules(model).values())
+    assert len(ablation.anchors) == 2 * model.config.num_hidden_layers
+    assert ablation.extra_loss(model, 0).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def aligned_folder(tmp_path_factory, tiny_run_inputs):
     """The tiny model with its attention weights moved: an 'aligned' model whose base is the tiny model."""

@@ -241,7 +241,7 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     # The heatmap's ratio first: SFT, Surgery and its alpha sweep, the other defenses and SafetyLock's sweep; then
     # the other ratios.
     names = ["base", "aligned", "sft_p0.5", "surgery_a300_p0.5", "surgery_a10_p0.5", "asft_p0.5",
-             "safetylock_a6_p0.5", "sap_p0.5", "safetylock_a2_p0.5",
+             "safetylock_a6_p0.5", "sap_p0.5", "safetylock_a2_p0.5", "asft_c0_p0.5",
              "sft_p0", "surgery_a300_p0", "asft_p0", "safetylock_a6_p0", "sap_p0"]
     assert [r["run"] for r in records] == names
     for name in names:
@@ -260,9 +260,9 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ") and "_p" in line
             or line.startswith(("| base", "| aligned"))]
     assert rows == ["base", "aligned", "sft_p0", "sft_p0.5", "surgery_a300_p0", "surgery_a300_p0.5", "surgery_a10_p0.5",
-                    "asft_p0", "asft_p0.5", "safetylock_a6_p0", "safetylock_a6_p0.5", "safetylock_a2_p0.5",
-                    "sap_p0", "sap_p0.5"]
-    assert "Runs finished: 14 of 14." in table
+                    "asft_p0", "asft_p0.5", "asft_c0_p0.5", "safetylock_a6_p0", "safetylock_a6_p0.5",
+                    "safetylock_a2_p0.5", "sap_p0", "sap_p0.5"]
+    assert "Runs finished: 15 of 15." in table
     by_name = {r["run"]: r for r in records}
     # SafetyLock is post-hoc: the SFT run's training time (plus milliseconds to apply), a model with o_proj biases,
     # and a divergence of its own measured on the SFT model's probes.
@@ -272,7 +272,7 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     assert lock["divergence"] != sft["divergence"]
     assert by_name["safetylock_a2_p0.5"]["divergence"] != lock["divergence"]
     # AsFT and SAP trained their own models in surgery.py's loop, from the aligned model.
-    for name in ("asft_p0.5", "sap_p0.5"):
+    for name in ("asft_p0.5", "asft_c0_p0.5", "sap_p0.5"):
         report = json.loads((root / by_name[name]["model"] / "sink_report.json").read_text())
         assert np.allclose(report["divergence_before"], aligned["divergence"], atol=1e-5)
         assert by_name[name]["model"] != sft["model"]
