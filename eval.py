@@ -716,6 +716,9 @@ def markdown_report(args, records, judges, command, total_runs):
                      + f" | {r['fine_tune_accuracy']:.1f} | {r['positive_heads']}/{r['heads']} | "
                        f"{r['wall_seconds']['train']:.0f} | {step_time_vs_sft(r, records)} | "
                        f"{r['wall_seconds']['evaluate']:.0f} |")
+    lines += ["", "step time / SFT: the run's summed step seconds over SFT's at the same p. Runs are timed one after "
+              "another, under whatever else the machine was doing, so this is indicative; `bench/bench_train.py "
+              "--variants bde` times the methods interleaved in one process."]
     lines += ["", "Judge accuracy against held-out human labels (judge_test; TPR on harmful rows, TNR on harmless "
               "rows):", "",
               "| judge | accuracy | TPR | TNR | n |", "|---|---|---|---|---|"]
