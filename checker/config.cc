@@ -2,6 +2,7 @@
 
 #include <fstream>
 #include <sstream>
+#include <string>
 
 #include "errors.h"
 #include "rope.h"
@@ -10,14 +11,20 @@ namespace sinkcheck {
 
 namespace {
 
-int int_field(const Json& doc, const char* key, const std::string& label, int fallback = -1) {
+// Sizes that set the length of a per-layer or per-frequency array are capped, so a damaged config.json fails
+// here with a message instead of asking for gigabytes; real models are orders of magnitude below the caps.
+constexpr long long kMaxSize = 1 << 30;
+constexpr long long kMaxLayersOrHeadDim = 1 << 16;
+
+int int_field(const Json& doc, const char* key, const std::string& label, int fallback = -1,
+              long long max = kMaxSize) {
   const Json* value = doc.find(key);
   if (!value || value->is_null()) {
     if (fallback >= 0) return fallback;
     throw CheckError(label + ": missing '" + key + "'");
   }
-  if (!value->is_number() || !value->is_integer || value->integer <= 0 || value->integer > (1 << 30))
-    throw CheckError(label + ": '" + key + "' must be a positive integer");
+  if (!value->is_number() || !value->is_integer || value->integer <= 0 || value->integer > max)
+    throw CheckError(label + ": '" + key + "' must be a positive integer up to " + std::to_string(max));
   return static_cast<int>(value->integer);
 }
 
@@ -53,14 +60,15 @@ ModelConfig model_config_from_json(const Json& doc, const std::string& label) {
 
   config.hidden_size = int_field(doc, "hidden_size", label);
   config.intermediate_size = int_field(doc, "intermediate_size", label);
-  config.n_layers = int_field(doc, "num_hidden_layers", label);
+  config.n_layers = int_field(doc, "num_hidden_layers", label, -1, kMaxLayersOrHeadDim);
   config.n_heads = int_field(doc, "num_attention_heads", label);
   config.n_kv_heads = int_field(doc, "num_key_value_heads", label, config.n_heads);
   config.vocab_size = int_field(doc, "vocab_size", label);
-  config.head_dim = int_field(doc, "head_dim", label, config.hidden_size / config.n_heads);
+  config.head_dim = int_field(doc, "head_dim", label, config.hidden_size / config.n_heads, kMaxLayersOrHeadDim);
   if (config.n_heads % config.n_kv_heads != 0)
     throw CheckError(label + ": num_attention_heads is not a multiple of num_key_value_heads");
-  if (config.head_dim <= 0) throw CheckError(label + ": head_dim must be positive");
+  if (config.head_dim <= 0 || config.head_dim > kMaxLayersOrHeadDim)
+    throw CheckError(label + ": head_dim must be a positive integer up to " + std::to_string(kMaxLayersOrHeadDim));
 
   if (const Json* eps = doc.find("rms_norm_eps"); eps && !eps->is_null()) {
     if (!eps->is_number() || !(eps->number > 0)) throw CheckError(label + ": rms_norm_eps must be a positive number");

@@ -178,6 +178,10 @@ CHECKPOINT_CASES = {
                          "unsupported rope type 'yarn'"),
     "unsupported activation": (dict(config=set_field(hidden_act="gelu")), "unsupported hidden_act 'gelu'"),
     "config missing a size": (dict(config=lambda doc: doc.pop("hidden_size")), "missing 'hidden_size'"),
+    # Found by the fuzz run: a per-layer array of this length would take gigabytes.
+    "absurd layer count": (dict(config=set_field(num_hidden_layers=911111112)),
+                           "'num_hidden_layers' must be a positive integer up to 65536"),
+    "absurd head size": (dict(config=set_field(head_dim=1 << 29)), "'head_dim' must be a positive integer up to 65536"),
     "no config.json": (dict(remove=["config.json"]), "no config.json beside the weights"),
     "no weights": (dict(remove=["model.safetensors"]), "no .safetensors files in folder"),
 }
