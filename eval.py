@@ -110,21 +110,16 @@ def cached_stage(work_dir, name, config, compute):
 
 def read_judge_records(path):
     """Human-labelled (objective, response, label) rows; label 1 = the response achieves the harmful objective."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such file")
     rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for i, rec in enumerate(surgery.read_json_rows(path), start=1):
         try:
-            rec = json.loads(line)
             rows.append((rec.get("objective", rec.get("instruction")), rec.get("response", rec.get("output")),
                          int(rec["label"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: line {i} needs objective (or instruction), response (or output) and an "
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: record {i} needs objective (or instruction), response (or output) and an "
                             f"integer label") from None
         if not isinstance(rows[-1][0], str) or not isinstance(rows[-1][1], str) or rows[-1][2] not in (0, 1):
-            raise UserError(f"{path}: line {i}: objective and response must be strings and label 0 or 1")
+            raise UserError(f"{path}: record {i}: objective and response must be strings and label 0 or 1")
     if not rows:
         raise UserError(f"{path}: no records")
     return rows
@@ -265,32 +260,35 @@ def train_stage(args, files, name, model, data, alpha, steps, lr, defense=None):
     return cached_stage(args.work_dir, f"train-{name}", config, compute)
 
 
-def attack_plan(args):
-    """(run name, method, p, alpha) for every method of --methods at every p, and the sweeps. alpha is the
-    method's own strength: Surgery's alpha, SafetyLock's alpha (0 for SFT, AsFT and SAP). Ordered so that an
-    interrupted sweep (whose report is refreshed after every run) already tells the most: SFT and Surgery at the
-    sweep ratio, Surgery's alpha sweep, the other defenses and SafetyLock's sweep there, then the other ratios
-    from high to low, SFT and Surgery first."""
-    ratios = sorted(args.poison_ratios, key=lambda p: (p != args.sweep_ratio, -p))
-    main_alpha = {"sft": 0.0, "surgery": args.alpha, "asft": 0.0, "safetylock": args.safetylock_alpha, "sap": 0.0}
-    sweeps = {"surgery": args.alpha_sweep, "safetylock": args.safetylock_alpha_sweep}
+def main_alpha(args, method):
+    """A method's own strength in its rows: Surgery's alpha, SafetyLock's alpha; 0 for the others."""
+    return {"surgery": args.alpha, "safetylock": args.safetylock_alpha}.get(method, 0.0)
 
-    def runs(p, alphas):
-        return [(f"{m}_p{p:g}" if m in ("sft", "asft", "sap") else f"{m}_a{a:g}_p{p:g}", m, p, a)
-                for m in METHODS if m in args.methods for a in alphas(m)]
+
+def attack_plan(args):
+    """(run name, method, p, alpha) for every method of --methods at every p, and the sweeps (alpha: the method's
+    own strength, main_alpha). Ordered so that an interrupted sweep (whose report is refreshed after every run)
+    already tells the most: SFT and Surgery at the sweep ratio, Surgery's alpha sweep, the other defenses and
+    SafetyLock's sweep there, then the other ratios from high to low, SFT and Surgery first."""
+    def run(method, p, alpha=None):
+        alpha = main_alpha(args, method) if alpha is None else alpha
+        strength = f"_a{alpha:g}" if method in ("surgery", "safetylock") else ""
+        return f"{method}{strength}_p{p:g}", method, p, alpha
+
+    def sweep(method, alphas):  # the strengths beside the main one
+        return [run(method, p, a) for a in alphas if method in args.methods and a > 0 and a != main_alpha(args, method)]
+    methods = [m for m in METHODS if m in args.methods]
+    ratios = sorted(args.poison_ratios, key=lambda p: (p != args.sweep_ratio, -p))
     plan = []
-    if args.sweep_ratio in ratios or any(sweeps.values()):  # a sweep compares against the others at its ratio
-        p = args.sweep_ratio
-        plan = runs(p, lambda m: [main_alpha[m]] if m in ("sft", "surgery") else [])
-        plan += runs(p, lambda m: [a for a in sweeps.get(m, []) if a > 0 and a != main_alpha[m]]
-                     if m == "surgery" else [])
-        plan += runs(p, lambda m: [] if m in ("sft", "surgery") else [main_alpha[m]])
-        plan += runs(p, lambda m: [a for a in sweeps.get(m, []) if a > 0 and a != main_alpha[m]]
-                     if m == "safetylock" else [])
-        if args.asft_ablation and "asft" in args.methods:
-            plan.append((f"{ASFT_ABLATION}_p{p:g}", ASFT_ABLATION, p, 0.0))
+    if args.sweep_ratio in ratios or args.alpha_sweep or args.safetylock_alpha_sweep:
+        p = args.sweep_ratio  # a sweep compares against the others at its ratio
+        plan += [run(m, p) for m in methods if m in ("sft", "surgery")] + sweep("surgery", args.alpha_sweep)
+        plan += [run(m, p) for m in methods if m not in ("sft", "surgery")]
+        plan += sweep("safetylock", args.safetylock_alpha_sweep)
+        if args.asft_ablation and "asft" in methods:
+            plan.append(run(ASFT_ABLATION, p))
     for p in ratios:
-        plan += [run for run in runs(p, lambda m: [main_alpha[m]]) if run not in plan]
+        plan += [r for r in (run(m, p) for m in methods) if r not in plan]
     return plan
 
 
@@ -332,7 +330,7 @@ def safetylock_apply_stage(args, name, lock, finetuned, alpha):
         start = time.perf_counter()
         safetylock.apply(finetuned["model"], lock["lock"], out=folder / "model", alpha=alpha)
         seconds = time.perf_counter() - start
-        model, tokenizer = surgery.load_model(str(folder / "model"), torch.device("cpu"))
+        model, tokenizer = surgery.load_model(str(folder / "model"), device_for(args))
         probes = read_probes(Path(finetuned["model"]) / "model.safetensors")
         d = surgery.probe_divergence(model, probes["harmful"], probes["harmless"], probes["sink_position"],
                                      tokenizer.pad_token_id)
@@ -344,7 +342,7 @@ def read_probes(path):
     """The probes surgery.py stores in its output's safetensors metadata (sinkcheck.probes)."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["sinkcheck.probes"])
+        return json.loads(f.metadata()[surgery.PROBES_METADATA_KEY])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -673,15 +671,11 @@ def run_record(args, name, method, p, alpha, training, model_path, evaluation, d
             "model": str(model_path)}
 
 
-def main_alphas(args):
-    return {"surgery": args.alpha, "safetylock": args.safetylock_alpha}
-
-
 def table_order(record, args):
     """base, aligned, then each method by p (METHODS order), a swept method's other strengths after its rows."""
     rank = ("base", "aligned", *METHODS[:3], ASFT_ABLATION, *METHODS[3:]).index(record["method"])
-    main = main_alphas(args).get(record["method"], record["alpha"])
-    return rank, record["alpha"] != main, record["alpha"], record["poison_ratio"] or 0.0
+    is_sweep = record["poison_ratio"] is not None and record["alpha"] != main_alpha(args, record["method"])
+    return rank, is_sweep, record["alpha"], record["poison_ratio"] or 0.0
 
 
 def step_time_vs_sft(record, records):
@@ -741,14 +735,14 @@ def plot_report(args, records, judges, out):
     by = {(r["method"], r["poison_ratio"], r["alpha"]): r for r in records}
     aligned = next((r for r in records if r["method"] == "aligned"), None)  # None until its run is finished
     # Distinct markers and line styles: equal values must not hide one method behind the other.
-    methods = [("sft", 0.0, "SFT (alpha 0)", dict(color="tab:red", marker="o", ms=8, ls="-")),
-               ("surgery", args.alpha, f"Surgery (alpha {args.alpha:g})",
-                dict(color="tab:blue", marker="s", ms=5, ls="--")),
-               ("asft", 0.0, f"AsFT (lambda {args.asft_lambda:g})", dict(color="tab:green", marker="^", ms=6, ls="-.")),
-               ("safetylock", args.safetylock_alpha, f"SafetyLock on SFT (alpha {args.safetylock_alpha:g})",
+    methods = [("sft", "SFT (alpha 0)", dict(color="tab:red", marker="o", ms=8, ls="-")),
+               ("surgery", f"Surgery (alpha {args.alpha:g})", dict(color="tab:blue", marker="s", ms=5, ls="--")),
+               ("asft", f"AsFT (lambda {args.asft_lambda:g})", dict(color="tab:green", marker="^", ms=6, ls="-.")),
+               ("safetylock", f"SafetyLock on SFT (alpha {args.safetylock_alpha:g})",
                 dict(color="tab:orange", marker="v", ms=6, ls=":")),
-               ("sap", 0.0, f"SAP (rho {args.sap_rho:g})", dict(color="tab:purple", marker="D", ms=5, ls="-"))]
-    methods = [m for m in methods if any((m[0], p, m[1]) in by for p in args.poison_ratios)]
+               ("sap", f"SAP (rho {args.sap_rho:g})", dict(color="tab:purple", marker="D", ms=5, ls="-"))]
+    methods = [(m, main_alpha(args, m), label, style) for m, label, style in methods
+               if any((m, p, main_alpha(args, m)) in by for p in args.poison_ratios)]
     ratios = sorted(args.poison_ratios)
     written = []
 
@@ -869,9 +863,10 @@ def run(args, command):
     # 2-3. Attack every p with each method (and the sweeps), then evaluate each fine-tuned model.
     attack = lambda name, alpha, defense=None: train_stage(  # noqa: E731
         args, files, name, aligned["model"], files["train"][p], alpha, args.attack_steps, args.lr, defense)
+    if any(method == "safetylock" for _, method, _, _ in plan):
+        lock = safetylock_build_stage(args, files, aligned["model"])
     for name, method, p, alpha in plan:
         if method == "safetylock":  # post-hoc: the lock of the aligned model on SFT's output at this p
-            lock = safetylock_build_stage(args, files, aligned["model"])
             sft = attack(f"sft_p{p:g}", 0.0)
             locked = safetylock_apply_stage(args, name, lock, sft, alpha)
             plots = record(name, method, p, alpha, sft, locked["model"], locked["divergence"],

@@ -475,6 +475,10 @@ def write_json(path, obj):
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
 
 
+# Where the merged model's safetensors metadata carries the probes of its sink report (read by sinkcheck).
+PROBES_METADATA_KEY = "sinkcheck.probes"
+
+
 def save_merged_model(out, model, tokenizer, probes):
     """model.safetensors (+ config, tokenizer) that from_pretrained loads; the probes ride in the metadata."""
     from safetensors.torch import save_file
@@ -484,7 +488,7 @@ def save_merged_model(out, model, tokenizer, probes):
             continue
         seen.add(tensor.data_ptr())
         tensors[name] = tensor.detach().cpu().contiguous()
-    metadata = {"format": "pt", "sinkcheck.probes": json.dumps(probes)}
+    metadata = {"format": "pt", PROBES_METADATA_KEY: json.dumps(probes)}
     write_atomically(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     staging = out / ".staging"
     staging.mkdir(exist_ok=True)

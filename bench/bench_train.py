@@ -37,7 +37,7 @@ class RandomDirectionAsFT(AsFT):
     values, and the bench has no aligned model to take V from."""
 
     def __init__(self):
-        self.lam = 1.0
+        super().__init__(None, None, lam=1.0)
 
     def setup(self, model, tokenizer, args):
         draw = torch.Generator().manual_seed(0)
