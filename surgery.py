@@ -13,7 +13,8 @@ with gradients through both reference passes. alpha = 0 is plain supervised fine
 
 The file follows the method in order:
   1. Data               chat-formatted (instruction, output) records; the loss covers the assistant tokens only
-  2. LoRA               low-rank adapters on chosen linear layers; merged into the base weights for export
+  2. LoRA               low-rank adapters on chosen linear layers, merged into the base weights for export;
+                       or --full: every weight trained, as in the paper
   3. Hooked attention   one fused attention call gives the output and every head's weight on the sink key
   4. Sink divergence    a_h over valid non-sink queries, d_h, and the regulariser
   5. Training           AdamW, warmup + cosine/constant, accumulation, clipping, checkpoints, data parallel
@@ -250,22 +251,48 @@ def sink_penalty(divergence):
     return torch.relu(divergence).mean()
 
 
+# Sink values fall as sequences grow longer (a late query spreads its attention over more keys), so reference sets
+# that differ in length make d_h measure length. Beyond this ratio of medians or upper quartiles we warn.
+LENGTH_RATIO_WARNING = 1.25
+
+
+def reference_lengths(harmful, harmless):
+    """Token-length median and upper quartile of each reference set, their ratios, and whether they match."""
+    summary = {}
+    for name, sequences in (("harmful", harmful), ("harmless", harmless)):
+        lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.float64)
+        summary[name] = {"median": lengths.quantile(0.5).item(), "upper_quartile": lengths.quantile(0.75).item()}
+    summary["ratio"] = {k: max(summary["harmful"][k], summary["harmless"][k]) /
+                        max(1.0, min(summary["harmful"][k], summary["harmless"][k])) for k in summary["harmful"]}
+    summary["matched"] = all(r <= LENGTH_RATIO_WARNING for r in summary["ratio"].values())
+    return summary
+
+
+@contextlib.contextmanager
+def without_dropout(model):
+    """The reference passes measure the model itself, not a dropout-thinned version of it (gradients still flow)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def probe_divergence(model, harmful_ids, harmless_ids, sink_pos, pad_id, chunk=16):
     """d_h on fixed probe sets in fp32 and eval mode, chunked so 64 probes fit in little memory."""
-    was_training = model.training
-    model.eval()
     means = []
-    for sequences in (harmful_ids, harmless_ids):
-        total, n = 0.0, 0
-        for i in range(0, len(sequences), chunk):
-            batch = to_device(pad_batch(sequences[i:i + chunk], pad_id), model.device)
-            s, c = sink_sums(model, batch, sink_pos)
-            total, n = total + s.float(), n + c
-        if n == 0:
-            raise UserError(f"no probe sequence is longer than sink position {sink_pos} + 1")
-        means.append(total / n)
-    model.train(was_training)
+    with without_dropout(model):
+        for sequences in (harmful_ids, harmless_ids):
+            total, n = 0.0, 0
+            for i in range(0, len(sequences), chunk):
+                batch = to_device(pad_batch(sequences[i:i + chunk], pad_id), model.device)
+                s, c = sink_sums(model, batch, sink_pos)
+                total, n = total + s.float(), n + c
+            if n == 0:
+                raise UserError(f"no probe sequence is longer than sink position {sink_pos} + 1")
+            means.append(total / n)
     return (means[0] - means[1]).cpu()
 
 
@@ -392,12 +419,12 @@ def train_step(model, optimizer, step, examples, refs, args, world, defense=None
     harmful, harmless = (reference_batch(sequences, args.ref_batch, draw, args.pad_id, model.device)
                          for sequences in refs)
     if args.alpha > 0:
-        with autocast:
+        with autocast, without_dropout(model):
             divergence = sink_divergence(model, harmful, harmless, args.sink_pos, args.sink_impl == "eager")
             penalty = sink_penalty(divergence)
         (args.alpha * penalty / world_size).backward()
     elif step % args.log_every == 0:  # plain SFT: measured for the log only, outside the graph
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, without_dropout(model):
             divergence = sink_divergence(model, harmful, harmless, args.sink_pos)
             penalty = sink_penalty(divergence)
     else:
@@ -439,17 +466,23 @@ def adapter_state(model):
     return state
 
 
+def trainable_state(model):
+    """What training changes: the LoRA matrices, or every weight with --full (tied weights once)."""
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(path, model, optimizer, step, defense=None):
-    state = {"step": step, "lora": {k: v.detach().cpu() for k, v in model.state_dict().items() if "lora_" in k},
+    state = {"step": step, "trainable": trainable_state(model),
              "optimizer": optimizer.state_dict(), "defense": defense.state_dict() if defense is not None else {}}
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, model, optimizer, defense=None):
     state = torch.load(path, map_location=model.device, weights_only=True)
-    missing = model.load_state_dict(state["lora"], strict=False)
-    if missing.unexpected_keys or any("lora_" in k for k in missing.missing_keys):
-        raise UserError(f"{path}: checkpoint does not match this model and LoRA configuration")
+    if set(state.get("trainable", {})) != set(trainable_state(model)):
+        raise UserError(f"{path}: checkpoint does not match this model and its trainable weights "
+                        f"(LoRA configuration or --full)")
+    model.load_state_dict(state["trainable"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     if defense is not None:
         defense.load_state_dict(state.get("defense", {}))
@@ -579,6 +612,16 @@ def train(args, defense=None):
         raise UserError(f"{args.data}: no record has answer tokens within --max-len {args.max_len}")
     refs = tuple([encode(tokenizer, r, args.max_len)[0] for r in recs]
                  for recs in (harmful_records, harmless_records))
+    lengths = reference_lengths(*refs)
+    if main_rank:
+        h, r = lengths["harmful"], lengths["harmless"]
+        print(f"reference lengths in tokens (median / upper quartile): harmful {h['median']:g} / "
+              f"{h['upper_quartile']:g}, harmless {r['median']:g} / {r['upper_quartile']:g}", flush=True)
+        if not lengths["matched"]:
+            print(f"surgery.py: warning: the reference sets differ in length by up to "
+                  f"{max(lengths['ratio'].values()):.2f}x (over {LENGTH_RATIO_WARNING}); sink values fall with "
+                  f"length, so d_h will measure length more than harm: match the sets in length", file=sys.stderr,
+                  flush=True)
     probes = {"sink_position": args.sink_pos,
               "harmful": refs[0][:args.probe_count], "harmless": refs[1][:args.probe_count]}
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
@@ -593,9 +636,11 @@ def train(args, defense=None):
                                              args.pad_id)
         n_layers, n_heads = divergence_before.shape
 
-    targets = set(args.lora_targets)
     torch.manual_seed(args.seed)  # same LoRA initialisation on every rank
-    add_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    if args.full:
+        model.requires_grad_(True)
+    else:
+        add_lora(model, set(args.lora_targets), args.lora_rank, args.lora_alpha, args.lora_dropout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     if defense is not None:
@@ -612,7 +657,7 @@ def train(args, defense=None):
         print(f"surgery: {len(examples)} examples ({dropped} without answer tokens dropped), "
               f"{len(refs[0])} harmful / {len(refs[1])} harmless references, {args.total_steps} steps, "
               f"alpha {args.alpha}{f', defense {type(defense).__name__}' if defense else ''}, "
-              f"{sum(p.numel() for p in trainable):,} LoRA parameters, "
+              f"{sum(p.numel() for p in trainable):,} trainable parameters ({'all' if args.full else 'LoRA'}), "
               f"{world_size} process(es) on {device}", flush=True)
     from tqdm.auto import tqdm
     bar = tqdm(total=args.total_steps, initial=start, disable=not main_rank, desc="fine-tuning",
@@ -643,29 +688,33 @@ def train(args, defense=None):
                   f"continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     bar.close()
-    adapter = adapter_state(model)
+    adapter = adapter_state(model) if not args.full else {}
     if not main_rank:
         return adapter, None
     log_file.close()
 
-    merge_lora(model)
+    if not args.full:
+        merge_lora(model)
     divergence_after = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos, args.pad_id)
     report = {"sink_position": args.sink_pos, "divergence_before": divergence_before.tolist(),
               "divergence_after": divergence_after.tolist(),
-              "positive_before": int((divergence_before > 0).sum()), "positive_after": int((divergence_after > 0).sum())}
+              "positive_before": int((divergence_before > 0).sum()), "positive_after": int((divergence_after > 0).sum()),
+              "reference_lengths": lengths}
     save_merged_model(out, model, tokenizer, probes)
-    save_adapter(out, adapter, args)
+    if not args.full:
+        save_adapter(out, adapter, args)
     write_json(out / "sink_report.json", report)
     checkpoint.unlink(missing_ok=True)
     print_report(report, n_layers * n_heads)
-    print(f"wrote {out}/: model.safetensors (merged), adapter/ (peft format), sink_report.json, train_log.jsonl")
+    print(f"wrote {out}/: model.safetensors ({'fine-tuned' if args.full else 'merged'}), "
+          f"{'' if args.full else 'adapter/ (peft format), '}sink_report.json, train_log.jsonl")
     return adapter, report
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="surgery.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="LoRA fine-tuning with the Surgery sink-divergence regulariser "
+        description="LoRA or full fine-tuning with the Surgery sink-divergence regulariser "
                     "(loss = task + alpha * mean_h relu(a_h(harmful) - a_h(harmless))).",
         epilog="Without --model/--data it uses the embedded defaults: SmolLM2-135M-Instruct and a sentiment task "
                "poisoned with 10%% harmful pairs (offline.py). Under torchrun it trains data-parallel.")
@@ -688,7 +737,10 @@ def parse_args(argv=None):
                         "maps, as the released code does (slower, more memory; for checking)")
     g.add_argument("--probe-count", type=int, default=64,
                    help="reference sequences of each kind kept as fixed probes for the report and the auditor")
-    g = p.add_argument_group("LoRA")
+    g = p.add_argument_group("LoRA (the default) or full fine-tuning")
+    g.add_argument("--full", action="store_true",
+                   help="train every weight, as the paper does, instead of LoRA adapters (the --lora-* flags are "
+                        "then unused; OUT gets the fine-tuned model and no adapter folder)")
     g.add_argument("--lora-rank", type=int, default=8, help="adapter rank r")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator (scale = alpha / r)")
     g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")

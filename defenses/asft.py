@@ -83,6 +83,8 @@ class AsFT(surgery.Defense):
 
     def setup(self, model, tokenizer, args):
         adapted = surgery.lora_modules(model)
+        if not adapted:
+            raise surgery.UserError("AsFT penalises the LoRA update B A of each adapted layer: run it without --full")
         names = [f"{name}.weight" for name in adapted]
         aligned_dir = self.aligned_dir or args.model
         aligned, base = read_weights(aligned_dir, names), read_weights(self.base_dir, names)

