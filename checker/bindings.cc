@@ -42,10 +42,10 @@ py::dict config_dict(const ModelConfig& c) {
 
 // Wraps a Python progress callable; it also polls for Ctrl-C, which cannot arrive while the GIL is released.
 Progress python_progress(const py::object& callback) {
-  return [callback](long long done, long long total) {
+  return [callback](long long done, long long total, int steps_done, int steps_total) {
     py::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-    if (!callback.is_none()) callback(done, total);
+    if (!callback.is_none()) callback(done, total, steps_done, steps_total);
   };
 }
 
@@ -109,27 +109,29 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "mean_sink_values",
           [](Model& model, const std::vector<Sequence>& sequences, int sink_position, bool reuse_prefixes,
-             int batch_tokens) {
+             int batch_tokens, long long max_pass_rows) {
             SinkMeans means;
             {
               py::gil_scoped_release release;
-              means = mean_sink_values(model, sequences, sink_position, "probe", nullptr, reuse_prefixes,
-                                       std::max(batch_tokens, 1));
+              means = mean_sink_values(model, sequences, sink_position, "probe", nullptr,
+                                       RunOptions{reuse_prefixes, std::max(batch_tokens, 1), max_pass_rows});
             }
             return py::make_tuple(to_rows(means.mean, means.n_layers, means.n_heads), means.n_sequences);
           },
           py::arg("sequences"), py::arg("sink_position") = 0, py::arg("reuse_prefixes") = true,
-          py::arg("batch_tokens") = 512,
-          "a_h(X) per layer and query head, and the number of sequences that counted.")
+          py::arg("batch_tokens") = 512, py::arg("max_pass_rows") = 0,
+          "a_h(X) per layer and query head, and the number of sequences that counted. max_pass_rows: new "
+          "token rows per pass through the layers (0: as many as fit in 256 MB of residual stream).")
       .def(
           "sink_divergence",
           [](Model& model, const std::vector<Sequence>& harmful, const std::vector<Sequence>& harmless,
-             int sink_position, py::object progress, bool reuse_prefixes) {
+             int sink_position, py::object progress, bool reuse_prefixes, long long max_pass_rows) {
             SinkDivergence result;
             const Progress report = python_progress(progress);  // built (and later destroyed) holding the GIL
             {
               py::gil_scoped_release release;
-              result = sink_divergence(model, harmful, harmless, sink_position, report, reuse_prefixes);
+              result = sink_divergence(model, harmful, harmless, sink_position, report,
+                                       RunOptions{reuse_prefixes, 512, max_pass_rows});
             }
             const int L = result.harmful.n_layers, H = result.harmful.n_heads;
             py::dict out;
@@ -143,6 +145,7 @@ PYBIND11_MODULE(_core, m) {
             return out;
           },
           py::arg("harmful"), py::arg("harmless"), py::arg("sink_position") = 0, py::arg("progress") = py::none(),
-          py::arg("reuse_prefixes") = true,
-          "d_h = a_h(harmful) - a_h(harmless); progress(done_tokens, total_tokens) is called between batches.");
+          py::arg("reuse_prefixes") = true, py::arg("max_pass_rows") = 0,
+          "d_h = a_h(harmful) - a_h(harmless); progress(done, total, layers_done, layers_total) is called after "
+          "each batch of each layer (done and total count token rows x layers).");
 }

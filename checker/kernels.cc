@@ -109,20 +109,30 @@ void micro_kernel_rows(int rows, const float* a, size_t lda, const float* panel,
 
 }  // namespace
 
+void pack_panel(const float* rows, int n_rows, int in, float* panel) {
+  // Blocks of 64 input indexes: the 16 source rows stream through cache while the panel is written in order.
+  constexpr int kBlock = 64;
+  for (int k0 = 0; k0 < in; k0 += kBlock) {
+    const int k1 = std::min(in, k0 + kBlock);
+    for (int k = k0; k < k1; ++k) {
+      float* dst = panel + static_cast<size_t>(k) * kPanel;
+      int j = 0;
+      for (; j < n_rows; ++j) dst[j] = rows[static_cast<size_t>(j) * in + k];
+      for (; j < kPanel; ++j) dst[j] = 0.0f;
+    }
+  }
+}
+
 PackedMatrix pack_matrix(const float* weight, int out, int in, std::vector<float> bias) {
   PackedMatrix packed;
   packed.out = out;
   packed.in = in;
   packed.bias = std::move(bias);
   const int n_panels = (out + kPanel - 1) / kPanel;
-  packed.panels.assign(static_cast<size_t>(n_panels) * in * kPanel, 0.0f);
-  for (int p = 0; p < n_panels; ++p) {
-    float* panel = packed.panels.data() + static_cast<size_t>(p) * in * kPanel;
-    for (int j = 0; j < kPanel && p * kPanel + j < out; ++j) {
-      const float* src = weight + static_cast<size_t>(p * kPanel + j) * in;
-      for (int k = 0; k < in; ++k) panel[static_cast<size_t>(k) * kPanel + j] = src[k];
-    }
-  }
+  packed.panels.resize(static_cast<size_t>(n_panels) * in * kPanel);
+  for (int p = 0; p < n_panels; ++p)
+    pack_panel(weight + static_cast<size_t>(p) * kPanel * in, std::min(kPanel, out - p * kPanel), in,
+               packed.panels.data() + static_cast<size_t>(p) * in * kPanel);
   return packed;
 }
 

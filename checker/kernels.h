@@ -22,6 +22,10 @@ struct PackedMatrix {
 
 PackedMatrix pack_matrix(const float* weight, int out, int in, std::vector<float> bias = {});
 
+// One panel: n_rows <= kPanel consecutive weight rows of `in` floats (row-major) written k-major to
+// panel[k * kPanel + j], rows n_rows .. kPanel-1 as zeros. pack_matrix is this over every panel.
+void pack_panel(const float* rows, int n_rows, int in, float* panel);
+
 // y[r][o] = sum_k x[r][k] * W[o][k] (+ bias[o]) for r < rows; x is rows x in, y is rows x out,
 // both row-major with the given row strides. Output columns are split over the pool's threads.
 void matmul(ThreadPool& pool, const float* x, size_t x_stride, int rows, const PackedMatrix& w, float* y,

@@ -28,16 +28,22 @@ void ensure_size(std::vector<T>& buffer, size_t n) {
   if (buffer.size() < n) buffer.resize(n);
 }
 
+[[noreturn]] void non_finite_activations(int layer, const char* what) {
+  throw CheckError("layer " + std::to_string(layer) + ": " + what +
+                   " became non-finite although every weight read so far is finite (the activations overflow "
+                   "fp32): the checkpoint is broken, no divergence can be computed from it");
+}
+
 }  // namespace
 
 Model::Model(const std::string& path, int n_threads)
     : checkpoint_(path),
       config_(read_model_config((std::filesystem::path(checkpoint_.directory()) / "config.json").string())),
       pool_(n_threads) {
-  load_weights();
+  find_tensors();
 }
 
-void Model::load_weights() {
+void Model::find_tensors() {
   const ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size, q_dim = int64_t(c.n_heads) * c.head_dim,
                 kv_dim = int64_t(c.n_kv_heads) * c.head_dim, inter = c.intermediate_size;
@@ -47,69 +53,128 @@ void Model::load_weights() {
       (!checkpoint_.find("model.embed_tokens.weight") && c.tie_word_embeddings && checkpoint_.find("lm_head.weight"))
           ? "lm_head.weight"
           : "model.embed_tokens.weight";
-  weights_.embed = &checkpoint_.require(embed_name, {c.vocab_size, hidden});
+  embed_ = &checkpoint_.require(embed_name, {c.vocab_size, hidden});
   checkpoint_.require("model.norm.weight", {hidden});
 
-  auto vector_of = [&](const std::string& name, int64_t n) { return tensor_to_fp32(checkpoint_.require(name, {n})); };
-  auto matrix_of = [&](const std::string& name, int64_t out, int64_t in, bool has_bias, bool load) {
-    const TensorEntry& weight = checkpoint_.require(name + ".weight", {out, in});
-    const TensorEntry* bias = has_bias ? &checkpoint_.require(name + ".bias", {out}) : nullptr;
-    if (!load) return PackedMatrix{};
-    std::vector<float> w = tensor_to_fp32(weight);
-    return pack_matrix(w.data(), static_cast<int>(out), static_cast<int>(in),
-                       bias ? tensor_to_fp32(*bias) : std::vector<float>{});
+  // Every tensor the config implies is checked here, before any compute. The last layer's value,
+  // output and MLP weights are checked but never read: its attention weights depend only on q and k.
+  auto matrix = [&](int l, const char* name, int64_t out, int64_t in, bool has_bias, const TensorEntry*& weight,
+                    const TensorEntry*& bias) {
+    weight = &checkpoint_.require(layer_name(l, name) + ".weight", {out, in});
+    bias = has_bias ? &checkpoint_.require(layer_name(l, name) + ".bias", {out}) : nullptr;
   };
-
-  weights_.layers.resize(c.n_layers);
+  tensors_.resize(c.n_layers);
   for (int l = 0; l < c.n_layers; ++l) {
-    // Every tensor is checked; the last layer's value, output and MLP weights are not loaded
-    // because attention weights of the last layer depend only on its queries and keys.
-    const bool last = (l == c.n_layers - 1);
-    LayerWeights& lw = weights_.layers[l];
-    lw.attn_norm = vector_of(layer_name(l, "input_layernorm.weight"), hidden);
-    lw.wq = matrix_of(layer_name(l, "self_attn.q_proj"), q_dim, hidden, c.qkv_bias, true);
-    lw.wk = matrix_of(layer_name(l, "self_attn.k_proj"), kv_dim, hidden, c.qkv_bias, true);
-    lw.wv = matrix_of(layer_name(l, "self_attn.v_proj"), kv_dim, hidden, c.qkv_bias, !last);
-    lw.wo = matrix_of(layer_name(l, "self_attn.o_proj"), hidden, q_dim, c.o_bias, !last);
-    checkpoint_.require(layer_name(l, "post_attention_layernorm.weight"), {hidden});
-    if (!last) lw.mlp_norm = vector_of(layer_name(l, "post_attention_layernorm.weight"), hidden);
-    lw.w_gate = matrix_of(layer_name(l, "mlp.gate_proj"), inter, hidden, c.mlp_bias, !last);
-    lw.w_up = matrix_of(layer_name(l, "mlp.up_proj"), inter, hidden, c.mlp_bias, !last);
-    lw.w_down = matrix_of(layer_name(l, "mlp.down_proj"), hidden, inter, c.mlp_bias, !last);
+    LayerTensors& t = tensors_[l];
+    t.attn_norm = &checkpoint_.require(layer_name(l, "input_layernorm.weight"), {hidden});
+    matrix(l, "self_attn.q_proj", q_dim, hidden, c.qkv_bias, t.wq, t.bq);
+    matrix(l, "self_attn.k_proj", kv_dim, hidden, c.qkv_bias, t.wk, t.bk);
+    matrix(l, "self_attn.v_proj", kv_dim, hidden, c.qkv_bias, t.wv, t.bv);
+    matrix(l, "self_attn.o_proj", hidden, q_dim, c.o_bias, t.wo, t.bo);
+    t.mlp_norm = &checkpoint_.require(layer_name(l, "post_attention_layernorm.weight"), {hidden});
+    matrix(l, "mlp.gate_proj", inter, hidden, c.mlp_bias, t.w_gate, t.b_gate);
+    matrix(l, "mlp.up_proj", inter, hidden, c.mlp_bias, t.w_up, t.b_up);
+    matrix(l, "mlp.down_proj", hidden, inter, c.mlp_bias, t.w_down, t.b_down);
   }
 }
 
-void Model::prepare(const std::vector<BatchItem>& batch) {
+// Converts one stored weight matrix to fp32 and packs it for matmul(), a panel per task: each task
+// converts its kPanel rows into per-thread scratch (checking them finite), then packs them.
+void Model::pack(PackedMatrix& dst, const TensorEntry& weight, const TensorEntry* bias) {
+  const int out = static_cast<int>(weight.shape[0]), in = static_cast<int>(weight.shape[1]);
+  const int n_panels = (out + kPanel - 1) / kPanel;
+  dst.out = out;
+  dst.in = in;
+  dst.panels.resize(size_t(n_panels) * in * kPanel);  // capacity is kept across layers
+  if (bias) {
+    dst.bias.resize(out);
+    tensor_to_fp32_finite(*bias, 0, out, dst.bias.data());
+  } else {
+    dst.bias.clear();
+  }
+  ensure_size(state_.pack_scratch, size_t(pool_.size()) * kPanel * in);
+  pool_.run(n_panels, [&](int p, int thread) {
+    float* rows = state_.pack_scratch.data() + size_t(thread) * kPanel * in;
+    const int n_rows = std::min(kPanel, out - p * kPanel);
+    tensor_to_fp32_finite(weight, uint64_t(p) * kPanel * in, uint64_t(n_rows) * in, rows);
+    pack_panel(rows, n_rows, in, dst.panels.data() + size_t(p) * in * kPanel);
+  });
+  release(weight);
+  if (bias) release(*bias);
+}
+
+void Model::prefetch_layer(int layer) const {
+  if (layer >= config_.n_layers) return;
+  const LayerTensors& t = tensors_[layer];
+  const bool last = (layer == config_.n_layers - 1);
+  for (const TensorEntry* e : {t.attn_norm, t.wq, t.wk, t.bq, t.bk}) if (e) prefetch(*e);
+  if (!last)
+    for (const TensorEntry* e : {t.wv, t.bv, t.wo, t.bo, t.mlp_norm, t.w_gate, t.b_gate, t.w_up, t.b_up, t.w_down,
+                                 t.b_down})
+      if (e) prefetch(*e);
+}
+
+void Model::load_layer(int layer) {
+  const LayerTensors& t = tensors_[layer];
+  LayerWeights& w = weights_;
+  const bool last = (layer == config_.n_layers - 1);
+  w.attn_norm.resize(t.attn_norm->numel);
+  tensor_to_fp32_finite(*t.attn_norm, 0, t.attn_norm->numel, w.attn_norm.data());
+  release(*t.attn_norm);
+  pack(w.wq, *t.wq, t.bq);
+  pack(w.wk, *t.wk, t.bk);
+  if (last) return;
+  pack(w.wv, *t.wv, t.bv);
+  pack(w.wo, *t.wo, t.bo);
+  w.mlp_norm.resize(t.mlp_norm->numel);
+  tensor_to_fp32_finite(*t.mlp_norm, 0, t.mlp_norm->numel, w.mlp_norm.data());
+  release(*t.mlp_norm);
+  pack(w.w_gate, *t.w_gate, t.b_gate);
+  pack(w.w_up, *t.w_up, t.b_up);
+  pack(w.w_down, *t.w_down, t.b_down);
+}
+
+void Model::prepare(const std::vector<BatchItem>& items, const std::vector<size_t>& batch_ends) {
   const ModelConfig& c = config_;
   RunState& s = state_;
-  const size_t n_items = batch.size();
+  const size_t n_items = items.size();
   s.item_start.assign(n_items + 1, 0);
   s.item_first_row.assign(n_items + 1, 0);
   int max_length = 0;
-  for (size_t j = 0; j < n_items; ++j) {
-    s.item_start[j + 1] = s.item_start[j] + batch[j].length;
-    s.item_first_row[j + 1] = s.item_first_row[j] + (batch[j].length - batch[j].shared);
-    max_length = std::max(max_length, batch[j].length);
+  size_t max_rows = 0, max_positions = 0, begin = 0;
+  for (size_t end : batch_ends) {
+    size_t positions = 0;
+    for (size_t j = begin; j < end; ++j) {
+      s.item_start[j] = positions;
+      positions += items[j].length;
+      s.item_first_row[j + 1] = s.item_first_row[j] + (items[j].length - items[j].shared);
+      max_length = std::max(max_length, items[j].length);
+    }
+    max_rows = std::max(max_rows, s.item_first_row[end] - s.item_first_row[begin]);
+    max_positions = std::max(max_positions, positions);
+    begin = end;
   }
-  const size_t rows = s.item_first_row[n_items], positions = s.item_start[n_items];
+  const size_t rows = s.item_first_row[n_items];
   const size_t q_dim = size_t(c.n_heads) * c.head_dim, kv_dim = size_t(c.n_kv_heads) * c.head_dim;
   ensure_size(s.x, rows * c.hidden_size);
-  ensure_size(s.xn, rows * c.hidden_size);
-  ensure_size(s.proj, rows * c.hidden_size);
-  ensure_size(s.q, rows * q_dim);
-  ensure_size(s.att, rows * q_dim);
-  ensure_size(s.k_new, rows * kv_dim);
-  ensure_size(s.v_new, rows * kv_dim);
-  ensure_size(s.gate, rows * c.intermediate_size);
-  ensure_size(s.up, rows * c.intermediate_size);
-  ensure_size(s.keys, positions * kv_dim);
-  ensure_size(s.values, positions * kv_dim);
-  ensure_size(s.sink_weight, positions * c.n_heads);
+  ensure_size(s.xn, max_rows * c.hidden_size);
+  ensure_size(s.proj, max_rows * c.hidden_size);
+  ensure_size(s.q, max_rows * q_dim);
+  ensure_size(s.att, max_rows * q_dim);
+  ensure_size(s.k_new, max_rows * kv_dim);
+  ensure_size(s.v_new, max_rows * kv_dim);
+  if (c.n_layers > 1) {
+    ensure_size(s.gate, max_rows * c.intermediate_size);
+    ensure_size(s.up, max_rows * c.intermediate_size);
+  }
+  ensure_size(s.keys, max_positions * kv_dim);
+  ensure_size(s.values, max_positions * kv_dim);
+  ensure_size(s.sink_weight, max_positions * c.n_heads);
   ensure_size(s.row_item, rows);
   ensure_size(s.row_pos, rows);
   for (size_t j = 0; j < n_items; ++j)
-    for (int p = batch[j].shared; p < batch[j].length; ++p) {
-      size_t r = s.item_first_row[j] + (p - batch[j].shared);
+    for (int p = items[j].shared; p < items[j].length; ++p) {
+      size_t r = s.item_first_row[j] + (p - items[j].shared);
       s.row_item[r] = static_cast<int>(j);
       s.row_pos[r] = p;
     }
@@ -120,25 +185,43 @@ void Model::prepare(const std::vector<BatchItem>& batch) {
   ensure_size(s.scores, size_t(pool_.size()) * s.rope_positions);  // one row of rope_positions per thread
 }
 
-// Causal (optionally sliding-window) softmax attention for every new row of every item. Records
+// The embedding row of every new row's token, converted and checked; the table's pages are then released.
+void Model::embed_rows(const std::vector<BatchItem>& items) {
+  RunState& s = state_;
+  const int hidden = config_.hidden_size;
+  const int rows = static_cast<int>(s.item_first_row[items.size()]);
+  for_rows(pool_, rows, [&](int first, int last) {
+    for (int r = first; r < last; ++r) {
+      const BatchItem& item = items[s.row_item[r]];
+      tensor_to_fp32_finite(*embed_, uint64_t(item.tokens[s.row_pos[r]]) * hidden, hidden,
+                            s.x.data() + size_t(r) * hidden);
+    }
+  });
+  release(*embed_);
+}
+
+// Causal (optionally sliding-window) softmax attention for every new row of the batch's items. Records
 // A[i, sink] for each head and, unless this is the last layer, the attention output.
-void Model::attention(const std::vector<BatchItem>& batch, int layer, int sink, bool need_output) {
+void Model::attention(const std::vector<BatchItem>& items, size_t first_item, size_t end_item, int layer, int sink,
+                      bool need_output) {
   const ModelConfig& c = config_;
   RunState& s = state_;
   const int hd = c.head_dim, group = c.n_heads / c.n_kv_heads, window = c.sliding_window[layer];
   const size_t q_dim = size_t(c.n_heads) * hd, kv_dim = size_t(c.n_kv_heads) * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int n_items = static_cast<int>(batch.size());
+  const int n_items = static_cast<int>(end_item - first_item);
+  const size_t row0 = s.item_first_row[first_item];
 
   pool_.run(n_items * c.n_heads, [&](int task, int thread) {
-    const int j = task / c.n_heads, h = task % c.n_heads, g = h / group;
-    const BatchItem& item = batch[j];
+    const size_t j = first_item + task / c.n_heads;
+    const int h = task % c.n_heads, g = h / group;
+    const BatchItem& item = items[j];
     const float* keys = s.keys.data() + s.item_start[j] * kv_dim + size_t(g) * hd;
     const float* values = s.values.data() + s.item_start[j] * kv_dim + size_t(g) * hd;
     float* sink_row = s.sink_weight.data() + s.item_start[j] * c.n_heads;
     float* scores = s.scores.data() + size_t(thread) * s.rope_positions;
     for (int i = item.shared; i < item.length; ++i) {
-      const size_t r = s.item_first_row[j] + (i - item.shared);
+      const size_t r = s.item_first_row[j] - row0 + (i - item.shared);  // row within the batch
       const float* q = s.q.data() + r * q_dim + size_t(h) * hd;
       const int lo = window > 0 ? std::max(0, i - window + 1) : 0;
       const int n = i - lo + 1;
@@ -152,115 +235,133 @@ void Model::attention(const std::vector<BatchItem>& batch, int layer, int sink, 
   });
 }
 
-void Model::sink_sums(const std::vector<BatchItem>& batch, int sink, double* out) {
+// One layer for the batch of items [first_item, end_item): its rows of the residual stream go
+// through the layer; the items' sink sums for this layer go to out.
+void Model::run_batch(const std::vector<BatchItem>& items, size_t first_item, size_t end_item, int l, int sink,
+                      double* out) {
   const ModelConfig& c = config_;
   RunState& s = state_;
-  for (size_t j = 0; j < batch.size(); ++j) {
-    const BatchItem& item = batch[j];
-    const int previous_length = j == 0 ? static_cast<int>(s.carry_tokens.size()) : batch[j - 1].length;
-    if (item.shared < 0 || item.shared > item.length || item.shared > previous_length)
-      throw CheckError("internal: bad shared prefix in batch");
-  }
-  prepare(batch);
-  s.carry_keys.resize(c.n_layers);
-  s.carry_values.resize(c.n_layers);
-  s.carry_sink.resize(c.n_layers);
-  const int rows = static_cast<int>(s.item_first_row[batch.size()]);
+  const LayerWeights& w = weights_;
+  const bool last = (l == c.n_layers - 1);
+  const size_t row0 = s.item_first_row[first_item];
+  const int rows = static_cast<int>(s.item_first_row[end_item] - row0);
   const int hidden = c.hidden_size, inter = c.intermediate_size, hd = c.head_dim;
   const size_t q_dim = size_t(c.n_heads) * hd, kv_dim = size_t(c.n_kv_heads) * hd;
   const size_t half = hd / 2;
+  float* x = s.x.data() + row0 * hidden;
 
-  for_rows(pool_, rows, [&](int first, int last) {
-    for (int r = first; r < last; ++r) {
-      const BatchItem& item = batch[s.row_item[r]];
-      tensor_to_fp32(*weights_.embed, uint64_t(item.tokens[s.row_pos[r]]) * hidden, hidden, s.x.data() + size_t(r) * hidden);
+  // Attention block: norm, projections, rotary embeddings.
+  for_rows(pool_, rows, [&](int first, int last_row) {
+    for (int r = first; r < last_row; ++r)
+      rmsnorm(x + size_t(r) * hidden, w.attn_norm.data(), hidden, c.rms_norm_eps, s.xn.data() + size_t(r) * hidden);
+  });
+  matmul(pool_, s.xn.data(), hidden, rows, w.wq, s.q.data(), q_dim);
+  matmul(pool_, s.xn.data(), hidden, rows, w.wk, s.k_new.data(), kv_dim);
+  if (!last) matmul(pool_, s.xn.data(), hidden, rows, w.wv, s.v_new.data(), kv_dim);
+  for_rows(pool_, rows, [&](int first, int last_row) {
+    for (int r = first; r < last_row; ++r) {
+      const int pos = s.row_pos[row0 + r];
+      const float* cos_row = s.rope_cos.data() + size_t(pos) * half;
+      const float* sin_row = s.rope_sin.data() + size_t(pos) * half;
+      for (int h = 0; h < c.n_heads; ++h) apply_rope(s.q.data() + r * q_dim + size_t(h) * hd, hd, cos_row, sin_row);
+      for (int g = 0; g < c.n_kv_heads; ++g) apply_rope(s.k_new.data() + r * kv_dim + size_t(g) * hd, hd, cos_row, sin_row);
     }
   });
 
-  for (int l = 0; l < c.n_layers; ++l) {
-    const LayerWeights& w = weights_.layers[l];
-    const bool last = (l == c.n_layers - 1);
-
-    // Attention block: norm, projections, rotary embeddings.
-    for_rows(pool_, rows, [&](int first, int last_row) {
-      for (int r = first; r < last_row; ++r)
-        rmsnorm(s.x.data() + size_t(r) * hidden, w.attn_norm.data(), hidden, c.rms_norm_eps, s.xn.data() + size_t(r) * hidden);
-    });
-    matmul(pool_, s.xn.data(), hidden, rows, w.wq, s.q.data(), q_dim);
-    matmul(pool_, s.xn.data(), hidden, rows, w.wk, s.k_new.data(), kv_dim);
-    if (!last) matmul(pool_, s.xn.data(), hidden, rows, w.wv, s.v_new.data(), kv_dim);
-    for_rows(pool_, rows, [&](int first, int last_row) {
-      for (int r = first; r < last_row; ++r) {
-        const float* cos_row = s.rope_cos.data() + size_t(s.row_pos[r]) * half;
-        const float* sin_row = s.rope_sin.data() + size_t(s.row_pos[r]) * half;
-        for (int h = 0; h < c.n_heads; ++h) apply_rope(s.q.data() + r * q_dim + size_t(h) * hd, hd, cos_row, sin_row);
-        for (int g = 0; g < c.n_kv_heads; ++g) apply_rope(s.k_new.data() + r * kv_dim + size_t(g) * hd, hd, cos_row, sin_row);
-      }
-    });
-
-    // Each item's keys and values: the shared prefix from the item before, then its new rows.
-    // In item order, so a prefix copied from an item that itself copied it is already in place.
-    for (size_t j = 0; j < batch.size(); ++j) {
-      const BatchItem& item = batch[j];
-      const size_t dst = s.item_start[j] * kv_dim, n_new = size_t(item.length - item.shared) * kv_dim;
-      if (item.shared > 0) {
-        const size_t n_shared = size_t(item.shared) * kv_dim;
-        const float* src_keys = j == 0 ? s.carry_keys[l].data() : s.keys.data() + s.item_start[j - 1] * kv_dim;
-        const float* src_values = j == 0 ? s.carry_values[l].data() : s.values.data() + s.item_start[j - 1] * kv_dim;
-        std::memcpy(s.keys.data() + dst, src_keys, n_shared * sizeof(float));
-        if (!last) std::memcpy(s.values.data() + dst, src_values, n_shared * sizeof(float));
-      }
-      const size_t at = dst + size_t(item.shared) * kv_dim, from = s.item_first_row[j] * kv_dim;
-      std::memcpy(s.keys.data() + at, s.k_new.data() + from, n_new * sizeof(float));
-      if (!last) std::memcpy(s.values.data() + at, s.v_new.data() + from, n_new * sizeof(float));
+  // Each item's keys and values: the shared prefix from the item before (for the batch's first item:
+  // the previous batch's last item, carried), then its new rows. In item order, so a prefix copied
+  // from an item that itself copied it is already in place.
+  for (size_t j = first_item; j < end_item; ++j) {
+    const BatchItem& item = items[j];
+    const size_t dst = s.item_start[j] * kv_dim, n_new = size_t(item.length - item.shared) * kv_dim;
+    if (item.shared > 0) {
+      const size_t n_shared = size_t(item.shared) * kv_dim;
+      const bool carried = (j == first_item);
+      const float* src_keys = carried ? s.carry_keys.data() : s.keys.data() + s.item_start[j - 1] * kv_dim;
+      const float* src_values = carried ? s.carry_values.data() : s.values.data() + s.item_start[j - 1] * kv_dim;
+      std::memcpy(s.keys.data() + dst, src_keys, n_shared * sizeof(float));
+      if (!last) std::memcpy(s.values.data() + dst, src_values, n_shared * sizeof(float));
     }
-
-    attention(batch, l, sink, !last);
-
-    // Sink weights of shared positions come from the item before; then sum over queries after the sink.
-    for (size_t j = 0; j < batch.size(); ++j) {
-      const BatchItem& item = batch[j];
-      float* mine = s.sink_weight.data() + s.item_start[j] * c.n_heads;
-      if (item.shared > 0) {
-        const float* src = j == 0 ? s.carry_sink[l].data() : s.sink_weight.data() + s.item_start[j - 1] * c.n_heads;
-        std::memcpy(mine, src, size_t(item.shared) * c.n_heads * sizeof(float));
-      }
-      for (int h = 0; h < c.n_heads; ++h) {
-        double sum = 0.0;
-        for (int i = sink + 1; i < item.length; ++i) sum += mine[size_t(i) * c.n_heads + h];
-        out[(j * c.n_layers + l) * c.n_heads + h] = sum;
-      }
-    }
-    // Keep this layer's keys, values and sink weights of the last item for the next batch.
-    {
-      const size_t j = batch.size() - 1, length = size_t(batch[j].length);
-      const float* keys = s.keys.data() + s.item_start[j] * kv_dim;
-      const float* values = s.values.data() + s.item_start[j] * kv_dim;
-      const float* sink_rows = s.sink_weight.data() + s.item_start[j] * c.n_heads;
-      s.carry_keys[l].assign(keys, keys + length * kv_dim);
-      if (!last) s.carry_values[l].assign(values, values + length * kv_dim);
-      s.carry_sink[l].assign(sink_rows, sink_rows + length * c.n_heads);
-    }
-    if (last) break;  // nothing after the last layer's attention weights is needed
-
-    matmul(pool_, s.att.data(), q_dim, rows, w.wo, s.proj.data(), hidden);
-    for_rows(pool_, rows, [&](int first, int last_row) {
-      for (size_t i = size_t(first) * hidden; i < size_t(last_row) * hidden; ++i) s.x[i] += s.proj[i];
-      for (int r = first; r < last_row; ++r)
-        rmsnorm(s.x.data() + size_t(r) * hidden, w.mlp_norm.data(), hidden, c.rms_norm_eps, s.xn.data() + size_t(r) * hidden);
-    });
-    matmul(pool_, s.xn.data(), hidden, rows, w.w_gate, s.gate.data(), inter);
-    matmul(pool_, s.xn.data(), hidden, rows, w.w_up, s.up.data(), inter);
-    for_rows(pool_, rows, [&](int first, int last_row) {
-      silu_mul(s.gate.data() + size_t(first) * inter, s.up.data() + size_t(first) * inter, size_t(last_row - first) * inter);
-    });
-    matmul(pool_, s.gate.data(), inter, rows, w.w_down, s.proj.data(), hidden);
-    for_rows(pool_, rows, [&](int first, int last_row) {
-      for (size_t i = size_t(first) * hidden; i < size_t(last_row) * hidden; ++i) s.x[i] += s.proj[i];
-    });
+    const size_t at = dst + size_t(item.shared) * kv_dim, from = (s.item_first_row[j] - row0) * kv_dim;
+    std::memcpy(s.keys.data() + at, s.k_new.data() + from, n_new * sizeof(float));
+    if (!last) std::memcpy(s.values.data() + at, s.v_new.data() + from, n_new * sizeof(float));
   }
-  const BatchItem& tail = batch.back();
-  s.carry_tokens.assign(tail.tokens, tail.tokens + tail.length);
+
+  attention(items, first_item, end_item, l, sink, !last);
+
+  // Sink weights of shared positions come from the item before; then sum over queries after the sink.
+  for (size_t j = first_item; j < end_item; ++j) {
+    const BatchItem& item = items[j];
+    float* mine = s.sink_weight.data() + s.item_start[j] * c.n_heads;
+    if (item.shared > 0) {
+      const float* src = j == first_item ? s.carry_sink.data() : s.sink_weight.data() + s.item_start[j - 1] * c.n_heads;
+      std::memcpy(mine, src, size_t(item.shared) * c.n_heads * sizeof(float));
+    }
+    for (int h = 0; h < c.n_heads; ++h) {
+      double sum = 0.0;
+      for (int i = sink + 1; i < item.length; ++i) sum += mine[size_t(i) * c.n_heads + h];
+      if (!std::isfinite(sum)) non_finite_activations(l, "the attention weights");
+      out[(j * c.n_layers + l) * c.n_heads + h] = sum;
+    }
+  }
+  // This layer's keys, values and sink weights of the batch's last item, for the next batch.
+  {
+    const size_t j = end_item - 1, length = size_t(items[j].length);
+    const float* keys = s.keys.data() + s.item_start[j] * kv_dim;
+    const float* values = s.values.data() + s.item_start[j] * kv_dim;
+    const float* sink_rows = s.sink_weight.data() + s.item_start[j] * c.n_heads;
+    s.carry_keys.assign(keys, keys + length * kv_dim);
+    if (!last) s.carry_values.assign(values, values + length * kv_dim);
+    s.carry_sink.assign(sink_rows, sink_rows + length * c.n_heads);
+  }
+  if (last) return;  // nothing after the last layer's attention weights is needed
+
+  matmul(pool_, s.att.data(), q_dim, rows, w.wo, s.proj.data(), hidden);
+  for_rows(pool_, rows, [&](int first, int last_row) {
+    for (size_t i = size_t(first) * hidden; i < size_t(last_row) * hidden; ++i) x[i] += s.proj[i];
+    for (int r = first; r < last_row; ++r)
+      rmsnorm(x + size_t(r) * hidden, w.mlp_norm.data(), hidden, c.rms_norm_eps, s.xn.data() + size_t(r) * hidden);
+  });
+  matmul(pool_, s.xn.data(), hidden, rows, w.w_gate, s.gate.data(), inter);
+  matmul(pool_, s.xn.data(), hidden, rows, w.w_up, s.up.data(), inter);
+  for_rows(pool_, rows, [&](int first, int last_row) {
+    silu_mul(s.gate.data() + size_t(first) * inter, s.up.data() + size_t(first) * inter, size_t(last_row - first) * inter);
+  });
+  matmul(pool_, s.gate.data(), inter, rows, w.w_down, s.proj.data(), hidden);
+  for_rows(pool_, rows, [&](int first, int last_row) {
+    for (size_t i = size_t(first) * hidden; i < size_t(last_row) * hidden; ++i) x[i] += s.proj[i];
+  });
+  if (first_non_finite(x, size_t(rows) * hidden) != size_t(rows) * hidden) non_finite_activations(l, "the hidden state");
+}
+
+void Model::sink_sums(const std::vector<BatchItem>& items, const std::vector<size_t>& batch_ends, int sink,
+                      double* out, const LayerStep& step) {
+  const ModelConfig& c = config_;
+  if (items.empty()) return;
+  if (batch_ends.empty() || batch_ends.back() != items.size())
+    throw CheckError("internal: batches do not cover the pass");
+  for (size_t b = 0, begin = 0; b < batch_ends.size(); begin = batch_ends[b++])
+    if (batch_ends[b] <= begin) throw CheckError("internal: empty batch in pass");
+  for (size_t j = 0; j < items.size(); ++j) {
+    const BatchItem& item = items[j];
+    const int previous_length = j == 0 ? 0 : items[j - 1].length;
+    if (item.shared < 0 || item.shared > item.length || item.shared > previous_length)
+      throw CheckError("internal: bad shared prefix in pass");
+  }
+  prepare(items, batch_ends);
+  embed_rows(items);
+
+  prefetch_layer(0);
+  for (int l = 0; l < c.n_layers; ++l) {
+    load_layer(l);
+    prefetch_layer(l + 1);  // read ahead while this layer computes
+    size_t begin = 0;
+    for (size_t end : batch_ends) {
+      run_batch(items, begin, end, l, sink, out);
+      begin = end;
+      if (step) step(l, static_cast<long long>(state_.item_first_row[end]));
+    }
+  }
 }
 
 }  // namespace sinkcheck

@@ -1,8 +1,15 @@
 // The Llama-family forward pass (Llama incl. SmolLM2, Mistral, Qwen2), far enough to get attention
 // weights: structs for config, weights and run state in the llama2.c manner.
+//
+// Memory does not grow with depth: the weights stay in the memory-mapped checkpoint in their stored
+// dtype. A pass runs layer by layer over all of its sequences; each layer's tensors are converted to
+// fp32 (and checked to be finite) into one set of reusable packed buffers when the pass reaches it,
+// and that layer's pages of the mapped file are released before the next layer is read. Only the
+// embedding rows of the probe tokens are ever read from the vocabulary table.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -13,32 +20,39 @@
 
 namespace sinkcheck {
 
+// One layer's tensors, validated (present, F32/F16/BF16, shape from config.json) when the model opens;
+// they point into the mapped file. Biases are nullptr where the family has none.
+struct LayerTensors {
+  const TensorEntry* attn_norm = nullptr;  // input_layernorm
+  const TensorEntry* mlp_norm = nullptr;   // post_attention_layernorm
+  const TensorEntry *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
+  const TensorEntry *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr;
+  const TensorEntry *w_gate = nullptr, *w_up = nullptr, *w_down = nullptr;
+  const TensorEntry *b_gate = nullptr, *b_up = nullptr, *b_down = nullptr;
+};
+
+// The fp32 weights of the layer being computed: one set of buffers, refilled for every layer.
 struct LayerWeights {
-  std::vector<float> attn_norm;  // input_layernorm
-  std::vector<float> mlp_norm;   // post_attention_layernorm
-  PackedMatrix wq, wk, wv, wo;   // attention projections (with biases where the family has them)
-  PackedMatrix w_gate, w_up, w_down;  // SwiGLU MLP; left empty in the last layer, which needs only q and k
+  std::vector<float> attn_norm;
+  std::vector<float> mlp_norm;
+  PackedMatrix wq, wk, wv, wo;        // attention projections (with biases where the family has them)
+  PackedMatrix w_gate, w_up, w_down;  // SwiGLU MLP; not loaded for the last layer, which needs only q and k
 };
 
-struct Weights {
-  const TensorEntry* embed = nullptr;  // token embeddings, looked up row by row from the mapped file
-  std::vector<LayerWeights> layers;
-};
-
-// One sequence of a batch. Its first `shared` tokens equal those of the item before it (for the first
-// item: the last item of the previous batch this model ran, see Model::carried_tokens): causal
-// attention makes their keys, values and sink weights identical, so they are copied, not recomputed.
+// One sequence of a pass. Its first `shared` tokens equal those of the item before it in the pass
+// (0 for the first item): causal attention makes their keys, values and sink weights identical, so
+// they are copied, not recomputed.
 struct BatchItem {
   const int32_t* tokens = nullptr;
   int length = 0;
   int shared = 0;
 };
 
-// Activations for one batch. Buffers grow to the largest batch seen and are reused: nothing is
-// allocated per token or per layer.
+// Activations for one pass. The residual stream holds every new row of the pass; the other buffers
+// hold one batch and grow to the largest batch seen. Nothing is allocated per token or per layer.
 struct RunState {
-  std::vector<float> x;       // residual stream, one row per new (not shared) token
-  std::vector<float> xn;      // normalised rows
+  std::vector<float> x;       // residual stream, one row per new (not shared) token of the pass
+  std::vector<float> xn;      // normalised rows (batch)
   std::vector<float> q;       // queries, rows x (n_heads * head_dim)
   std::vector<float> k_new;   // keys of new rows
   std::vector<float> v_new;   // values of new rows
@@ -46,47 +60,60 @@ struct RunState {
   std::vector<float> proj;    // o_proj / down_proj output
   std::vector<float> gate;    // MLP gate, rows x intermediate
   std::vector<float> up;      // MLP up, rows x intermediate
-  std::vector<float> keys;    // every position of every item, current layer
+  std::vector<float> keys;    // every position of every item of the batch, current layer
   std::vector<float> values;
   std::vector<float> sink_weight;  // A[i, sink] per item, head and position, current layer
   std::vector<float> scores;       // one attention row per thread
+  std::vector<float> pack_scratch;  // per thread: kPanel weight rows converted to fp32 before packing
   std::vector<float> rope_cos, rope_sin;
   int rope_positions = 0;
-  std::vector<int> row_item, row_pos;    // which item and position each new row is
-  std::vector<size_t> item_start;        // offset of each item's positions in keys / sink_weight
-  std::vector<size_t> item_first_row;    // its first new row
-  // The last item of the previous batch, kept so the next batch can share its prefix.
-  std::vector<int32_t> carry_tokens;
-  std::vector<std::vector<float>> carry_keys, carry_values, carry_sink;  // per layer
+  std::vector<int> row_item, row_pos;    // which item and position each new row of the pass is
+  std::vector<size_t> item_first_row;    // each item's first new row in the pass
+  std::vector<size_t> item_start;        // offset of each item's positions in its batch's keys / sink_weight
+  // The last item of the previous batch, current layer: what the next batch's first item shares.
+  std::vector<float> carry_keys, carry_values, carry_sink;
 };
+
+// Called after each batch of each layer with the layer and the number of the pass's rows done in it.
+using LayerStep = std::function<void(int layer, long long rows_done)>;
 
 class Model {
  public:
-  // Opens the checkpoint (file, folder or shard index), reads config.json beside it, checks every
-  // tensor the config implies and loads them as fp32. n_threads = 0: one per hardware thread.
+  // Opens the checkpoint (file, folder or shard index), reads config.json beside it and checks every
+  // tensor the config implies (presence, dtype, shape). Weights are read later, a layer at a time.
+  // n_threads = 0: one per hardware thread.
   Model(const std::string& path, int n_threads);
 
   const ModelConfig& config() const { return config_; }
   const Checkpoint& checkpoint() const { return checkpoint_; }
   int n_threads() const { return pool_.size(); }
-  int vocab_rows() const { return static_cast<int>(weights_.embed->shape[0]); }
+  int vocab_rows() const { return static_cast<int>(embed_->shape[0]); }
 
-  // For each item, layer and query head: the sum over queries i = sink+1 .. length-1 of the
-  // attention weight A[i, sink]. out[(item * n_layers + layer) * n_heads + head]. Token ids must
-  // already be checked against vocab_rows().
-  void sink_sums(const std::vector<BatchItem>& batch, int sink, double* out);
-
-  // Tokens of the last item of the previous sink_sums call: what a first item's `shared` refers to.
-  const std::vector<int32_t>& carried_tokens() const { return state_.carry_tokens; }
+  // One pass over `items`, split into batches: batch b is items [batch_ends[b-1], batch_ends[b]).
+  // For each item, layer and query head: the sum over queries i = sink+1 .. length-1 of the attention
+  // weight A[i, sink]; out[(item * n_layers + layer) * n_heads + head]. Token ids must already be
+  // checked against vocab_rows(). A non-finite weight the pass reads, or activations that overflow,
+  // are a CheckError naming the tensor or the layer.
+  void sink_sums(const std::vector<BatchItem>& items, const std::vector<size_t>& batch_ends, int sink, double* out,
+                 const LayerStep& step = nullptr);
 
  private:
-  void load_weights();
-  void prepare(const std::vector<BatchItem>& batch);
-  void attention(const std::vector<BatchItem>& batch, int layer, int sink, bool need_output);
+  void find_tensors();
+  void load_layer(int layer);
+  void pack(PackedMatrix& dst, const TensorEntry& weight, const TensorEntry* bias);
+  void prefetch_layer(int layer) const;
+  void prepare(const std::vector<BatchItem>& items, const std::vector<size_t>& batch_ends);
+  void embed_rows(const std::vector<BatchItem>& items);
+  void run_batch(const std::vector<BatchItem>& items, size_t first_item, size_t end_item, int layer, int sink,
+                 double* out);
+  void attention(const std::vector<BatchItem>& items, size_t first_item, size_t end_item, int layer, int sink,
+                 bool need_output);
 
   Checkpoint checkpoint_;
   ModelConfig config_;
-  Weights weights_;
+  const TensorEntry* embed_ = nullptr;  // token embeddings, looked up row by row from the mapped file
+  std::vector<LayerTensors> tensors_;
+  LayerWeights weights_;  // the current layer's
   ThreadPool pool_;
   RunState state_;
 };

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -266,6 +267,7 @@ void Checkpoint::add_file(const std::string& path) {
   const MappedFile& file = *files_.back();
   SafetensorsHeader header = parse_safetensors(file.data(), file.size(), path);
   for (auto& entry : header.tensors) {
+    entry.mapped = true;
     auto [it, inserted] = tensors_.emplace(entry.name, entry);
     if (!inserted) throw CheckError("tensor '" + entry.name + "' appears in both " + it->second.file + " and " + path);
   }
@@ -327,5 +329,64 @@ std::vector<float> tensor_to_fp32(const TensorEntry& tensor) {
   tensor_to_fp32(tensor, 0, tensor.numel, out.data());
   return out;
 }
+
+size_t first_non_finite(const float* x, size_t n) {
+  // Exponent bits all ones: infinity or NaN. The branch-free OR over blocks vectorizes; only a block
+  // that has one is searched again.
+  constexpr size_t kBlock = 1024;
+  for (size_t start = 0; start < n; start += kBlock) {
+    const size_t end = std::min(n, start + kBlock);
+    uint32_t bad = 0;
+    for (size_t i = start; i < end; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i, 4);
+      bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+    }
+    if (bad)
+      for (size_t i = start; i < end; ++i)
+        if (!std::isfinite(x[i])) return i;
+  }
+  return n;
+}
+
+void tensor_to_fp32_finite(const TensorEntry& tensor, uint64_t first, uint64_t count, float* out) {
+  tensor_to_fp32(tensor, first, count, out);
+  const size_t bad = first_non_finite(out, count);
+  if (bad == count) return;
+  // The element's index in the tensor's shape, e.g. [12, 40].
+  uint64_t flat = first + bad;
+  std::vector<int64_t> index(tensor.shape.size());
+  for (size_t d = tensor.shape.size(); d-- > 0;) {
+    const uint64_t extent = static_cast<uint64_t>(tensor.shape[d]);
+    index[d] = static_cast<int64_t>(extent ? flat % extent : 0);
+    flat = extent ? flat / extent : 0;
+  }
+  const float value = out[bad];
+  throw CheckError(tensor.file + ": tensor '" + tensor.name + "' holds a non-finite value (" +
+                   (std::isnan(value) ? "NaN" : value > 0 ? "+inf" : "-inf") + ") at " + shape_string(index) +
+                   ": the checkpoint is broken, no divergence can be computed from it");
+}
+
+std::vector<float> tensor_to_fp32_finite(const TensorEntry& tensor) {
+  std::vector<float> out(tensor.numel);
+  tensor_to_fp32_finite(tensor, 0, tensor.numel, out.data());
+  return out;
+}
+
+namespace {
+
+void advise(const TensorEntry& tensor, int advice) {
+  if (!tensor.mapped || tensor.nbytes == 0) return;
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  // Rounded outward to whole pages: a neighbour's page dropped too is simply read again when needed.
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(tensor.data) & ~(page - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(tensor.data) + tensor.nbytes + page - 1) & ~(page - 1);
+  ::madvise(reinterpret_cast<void*>(begin), end - begin, advice);  // a hint: failure changes nothing
+}
+
+}  // namespace
+
+void prefetch(const TensorEntry& tensor) { advise(tensor, MADV_WILLNEED); }
+void release(const TensorEntry& tensor) { advise(tensor, MADV_DONTNEED); }
 
 }  // namespace sinkcheck

@@ -24,7 +24,8 @@ struct TensorEntry {
   uint64_t numel = 0;
   const uint8_t* data = nullptr;  // first byte, inside the mapped file
   uint64_t nbytes = 0;
-  std::string file;  // for messages
+  std::string file;     // for messages
+  bool mapped = false;  // data lies in a read-only file mapping (Checkpoint), so page hints apply
 };
 
 struct SafetensorsHeader {
@@ -80,6 +81,21 @@ class Checkpoint {
 // Converts `count` elements starting at element `first` of an F32/F16/BF16 tensor to fp32.
 void tensor_to_fp32(const TensorEntry& tensor, uint64_t first, uint64_t count, float* out);
 std::vector<float> tensor_to_fp32(const TensorEntry& tensor);
+
+// As tensor_to_fp32, but a NaN or infinity in the range is a CheckError that names the tensor and the
+// element's index: a broken checkpoint stops the audit instead of turning heads into NaN.
+void tensor_to_fp32_finite(const TensorEntry& tensor, uint64_t first, uint64_t count, float* out);
+std::vector<float> tensor_to_fp32_finite(const TensorEntry& tensor);
+
+// Index of the first NaN or infinity in x[0..n), or n when all are finite.
+size_t first_non_finite(const float* x, size_t n);
+
+// Page-cache hints for a tensor's bytes in its mapped file: prefetch() asks the kernel to read them
+// ahead (MADV_WILLNEED); release() drops this process's mapping of them (MADV_DONTNEED), so pages of
+// layers already converted stop counting in the resident set. The data stays valid: a later read
+// faults the pages back in from the file. Tensors not backed by a mapped file are left alone.
+void prefetch(const TensorEntry& tensor);
+void release(const TensorEntry& tensor);
 
 std::string shape_string(const std::vector<int64_t>& shape);
 

@@ -34,93 +34,130 @@ std::vector<size_t> qualifying_sequences(const Model& model, const std::vector<S
   return order;
 }
 
+struct SetInput {
+  const std::vector<Sequence>* sequences;
+  const char* name;
+};
+
+// a_h for each set, all sets sharing the passes: each pass reads every layer's weights once.
+std::vector<SinkMeans> sink_means(Model& model, const std::vector<SetInput>& sets, int sink, const Progress& progress,
+                                  const RunOptions& options) {
+  const ModelConfig& c = model.config();
+  const size_t heads = size_t(c.n_layers) * c.n_heads;
+
+  // Every set is checked before any is run, so bad input fails fast.
+  std::vector<std::vector<size_t>> qualifying;
+  for (const SetInput& set : sets) qualifying.push_back(qualifying_sequences(model, *set.sequences, sink, set.name));
+
+  struct Ref {
+    size_t set, index;
+  };
+  std::vector<Ref> order;
+  for (size_t s = 0; s < sets.size(); ++s) {
+    std::vector<size_t> mine = qualifying[s];
+    const std::vector<Sequence>& seqs = *sets[s].sequences;
+    if (options.reuse_prefixes)
+      std::sort(mine.begin(), mine.end(), [&](size_t a, size_t b) { return seqs[a] < seqs[b]; });
+    for (size_t k : mine) order.push_back(Ref{s, k});
+  }
+
+  // Passes of at most pass_limit new rows, each split into batches of about batch_tokens new rows.
+  const long long pass_limit =
+      options.max_pass_rows > 0 ? options.max_pass_rows
+                                : std::max<long long>(1, (256LL << 20) / (4LL * c.hidden_size));
+  const int batch_tokens = std::max(options.batch_tokens, 1);
+  struct Pass {
+    std::vector<BatchItem> items;
+    std::vector<size_t> batch_ends;
+    std::vector<Ref> refs;
+    long long rows = 0;
+  };
+  std::vector<Pass> passes;
+  int batch_new = 0;
+  for (const Ref& ref : order) {
+    const Sequence& seq = (*sets[ref.set].sequences)[ref.index];
+    const int length = static_cast<int>(seq.size());
+    if (passes.empty()) passes.emplace_back();
+    Pass* pass = &passes.back();
+    int shared = 0;
+    if (options.reuse_prefixes && !pass->items.empty())
+      shared = common_prefix((*sets[pass->refs.back().set].sequences)[pass->refs.back().index], seq);
+    int fresh = length - shared;
+    if (!pass->items.empty() && pass->rows + fresh > pass_limit) {
+      pass->batch_ends.push_back(pass->items.size());
+      passes.emplace_back();
+      pass = &passes.back();
+      shared = 0;
+      fresh = length;
+      batch_new = 0;
+    } else if (!pass->items.empty() && batch_new + fresh > batch_tokens) {
+      pass->batch_ends.push_back(pass->items.size());
+      batch_new = 0;
+    }
+    pass->items.push_back(BatchItem{seq.data(), length, shared});
+    pass->refs.push_back(ref);
+    pass->rows += fresh;
+    batch_new += fresh;
+  }
+  passes.back().batch_ends.push_back(passes.back().items.size());
+
+  long long total_work = 0;
+  for (const Pass& pass : passes) total_work += pass.rows * c.n_layers;
+  const int total_steps = static_cast<int>(passes.size()) * c.n_layers;
+
+  // a_h(x) per input sequence, summed in input order at the end: the result does not depend on the
+  // processing order, prefix reuse, batches or passes.
+  std::vector<std::vector<double>> per_sequence(sets.size());
+  for (size_t s = 0; s < sets.size(); ++s) per_sequence[s].assign(sets[s].sequences->size() * heads, 0.0);
+  std::vector<double> sums;
+  long long work_before = 0;
+  for (size_t p = 0; p < passes.size(); ++p) {
+    const Pass& pass = passes[p];
+    sums.assign(pass.items.size() * heads, 0.0);
+    LayerStep step = nullptr;
+    if (progress)
+      step = [&](int layer, long long rows_done) {
+        progress(work_before + layer * pass.rows + rows_done, total_work,
+                 static_cast<int>(p) * c.n_layers + layer + (rows_done == pass.rows ? 1 : 0), total_steps);
+      };
+    model.sink_sums(pass.items, pass.batch_ends, sink, sums.data(), step);
+    for (size_t j = 0; j < pass.items.size(); ++j) {
+      const double n_queries = double(pass.items[j].length - sink - 1);
+      double* slot = per_sequence[pass.refs[j].set].data() + pass.refs[j].index * heads;
+      for (size_t lh = 0; lh < heads; ++lh) slot[lh] = sums[j * heads + lh] / n_queries;
+    }
+    work_before += pass.rows * c.n_layers;
+  }
+
+  std::vector<SinkMeans> results(sets.size());
+  for (size_t s = 0; s < sets.size(); ++s) {
+    SinkMeans& result = results[s];
+    result.n_layers = c.n_layers;
+    result.n_heads = c.n_heads;
+    result.mean.assign(heads, 0.0);
+    result.n_sequences = static_cast<int>(qualifying[s].size());
+    for (size_t k : qualifying[s])  // ascending: input order
+      for (size_t lh = 0; lh < heads; ++lh) result.mean[lh] += per_sequence[s][k * heads + lh];
+    for (double& m : result.mean) m /= result.n_sequences;
+  }
+  return results;
+}
+
 }  // namespace
 
 SinkMeans mean_sink_values(Model& model, const std::vector<Sequence>& sequences, int sink, const char* set_name,
-                           const Progress& progress, bool reuse_prefixes, int batch_tokens) {
-  const ModelConfig& c = model.config();
-  SinkMeans result;
-  result.n_layers = c.n_layers;
-  result.n_heads = c.n_heads;
-  result.mean.assign(size_t(c.n_layers) * c.n_heads, 0.0);
-
-  std::vector<size_t> order = qualifying_sequences(model, sequences, sink, set_name);
-  if (reuse_prefixes)
-    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return sequences[a] < sequences[b]; });
-
-  long long total = 0, done = 0;
-  for (size_t k : order) total += static_cast<long long>(sequences[k].size());
-
-  // a_h(x) per input sequence, summed in input order at the end: the result does not depend on the
-  // processing order, prefix reuse or batching.
-  const size_t heads = result.mean.size();
-  std::vector<double> per_sequence(sequences.size() * heads, 0.0);
-  std::vector<BatchItem> batch;
-  std::vector<size_t> batch_index;
-  std::vector<double> sums;
-  auto flush = [&] {
-    if (batch.empty()) return;
-    sums.assign(batch.size() * c.n_layers * c.n_heads, 0.0);
-    model.sink_sums(batch, sink, sums.data());
-    for (size_t j = 0; j < batch.size(); ++j) {
-      const double n_queries = double(batch[j].length - sink - 1);
-      double* slot = per_sequence.data() + batch_index[j] * heads;
-      for (size_t lh = 0; lh < heads; ++lh) slot[lh] = sums[j * heads + lh] / n_queries;
-      done += batch[j].length;
-    }
-    batch.clear();
-    batch_index.clear();
-    if (progress) progress(done, total);
-  };
-
-  int new_tokens = 0;
-  for (size_t k : order) {
-    const Sequence& seq = sequences[k];
-    // Share with the item before: in this batch, or the model's carried last item of the previous one.
-    auto shared_with_previous = [&] {
-      if (!reuse_prefixes) return 0;
-      return batch.empty() ? common_prefix(model.carried_tokens(), seq) : common_prefix(sequences[batch_index.back()], seq);
-    };
-    int shared = shared_with_previous();
-    int fresh = static_cast<int>(seq.size()) - shared;
-    if (!batch.empty() && new_tokens + fresh > batch_tokens) {
-      flush();
-      new_tokens = 0;
-      shared = shared_with_previous();
-      fresh = static_cast<int>(seq.size()) - shared;
-    }
-    batch.push_back(BatchItem{seq.data(), static_cast<int>(seq.size()), shared});
-    batch_index.push_back(k);
-    new_tokens += fresh;
-  }
-  flush();
-
-  result.n_sequences = static_cast<int>(order.size());
-  std::sort(order.begin(), order.end());
-  for (size_t k : order)
-    for (size_t lh = 0; lh < heads; ++lh) result.mean[lh] += per_sequence[k * heads + lh];
-  for (double& m : result.mean) m /= result.n_sequences;
-  return result;
+                           const Progress& progress, const RunOptions& options) {
+  return sink_means(model, {SetInput{&sequences, set_name}}, sink, progress, options)[0];
 }
 
 SinkDivergence sink_divergence(Model& model, const std::vector<Sequence>& harmful,
                                const std::vector<Sequence>& harmless, int sink, const Progress& progress,
-                               bool reuse_prefixes) {
-  // Both sets are checked before either is run, so bad input fails fast.
-  qualifying_sequences(model, harmful, sink, "harmful");
-  qualifying_sequences(model, harmless, sink, "harmless");
-  long long harmful_total = 0, harmless_total = 0;
-  for (const auto& s : harmful) harmful_total += static_cast<long long>(s.size());
-  for (const auto& s : harmless) harmless_total += static_cast<long long>(s.size());
-  const long long total = harmful_total + harmless_total;
-  Progress first = nullptr, second = nullptr;
-  if (progress) {
-    first = [&](long long done, long long) { progress(done, total); };
-    second = [&](long long done, long long) { progress(harmful_total + done, total); };
-  }
+                               const RunOptions& options) {
+  std::vector<SinkMeans> means =
+      sink_means(model, {SetInput{&harmful, "harmful"}, SetInput{&harmless, "harmless"}}, sink, progress, options);
   SinkDivergence result;
-  result.harmful = mean_sink_values(model, harmful, sink, "harmful", first, reuse_prefixes);
-  result.harmless = mean_sink_values(model, harmless, sink, "harmless", second, reuse_prefixes);
+  result.harmful = std::move(means[0]);
+  result.harmless = std::move(means[1]);
   result.divergence.resize(result.harmful.mean.size());
   for (size_t i = 0; i < result.divergence.size(); ++i) {
     result.divergence[i] = result.harmful.mean[i] - result.harmless.mean[i];

@@ -24,19 +24,29 @@ struct SinkDivergence {
   int positive = 0;                // heads with divergence > 0
 };
 
-// Called after each batch with (tokens done, tokens total).
-using Progress = std::function<void(long long done, long long total)>;
+// Called after each batch of each layer: work done and total (token rows x layers), and layer steps
+// done and total (n_layers per pass; one pass unless the probes' residual stream exceeds max_pass_rows).
+using Progress = std::function<void(long long done, long long total, int steps_done, int steps_total)>;
+
+// How sequences are grouped. Sequences run in sorted order so that neighbours share prefixes
+// (reuse_prefixes); a pass takes up to max_pass_rows new token rows (0: as many as fit in 256 MB of
+// residual stream) through every layer, in batches of about batch_tokens new tokens. Each layer's
+// weights are converted once per pass. No setting changes a result: per-row arithmetic is the same.
+struct RunOptions {
+  bool reuse_prefixes = true;
+  int batch_tokens = 512;
+  long long max_pass_rows = 0;
+};
 
 // a_h(X) over `sequences`: for each sequence x of length T > sink + 1, a_h(x) is the mean of
-// A_h[i, sink] over queries i = sink+1 .. T-1; shorter sequences contribute nothing. Sequences are
-// processed in sorted order so that neighbours share prefixes (reuse_prefixes), in batches of about
-// batch_tokens new tokens. Throws CheckError for an out-of-range token id or when no sequence qualifies.
+// A_h[i, sink] over queries i = sink+1 .. T-1; shorter sequences contribute nothing. Throws CheckError
+// for an out-of-range token id or when no sequence qualifies.
 SinkMeans mean_sink_values(Model& model, const std::vector<Sequence>& sequences, int sink, const char* set_name,
-                           const Progress& progress = nullptr, bool reuse_prefixes = true, int batch_tokens = 512);
+                           const Progress& progress = nullptr, const RunOptions& options = {});
 
-// d_h = a_h(harmful) - a_h(harmless) for every layer and query head.
+// d_h = a_h(harmful) - a_h(harmless) for every layer and query head; both sets share each pass.
 SinkDivergence sink_divergence(Model& model, const std::vector<Sequence>& harmful,
                                const std::vector<Sequence>& harmless, int sink, const Progress& progress = nullptr,
-                               bool reuse_prefixes = true);
+                               const RunOptions& options = {});
 
 }  // namespace sinkcheck

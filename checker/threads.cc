@@ -18,7 +18,15 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::drain(int thread) {
-  for (int index = next_.fetch_add(1); index < n_tasks_; index = next_.fetch_add(1)) (*task_)(index, thread);
+  for (int index = next_.fetch_add(1); index < n_tasks_; index = next_.fetch_add(1)) {
+    try {
+      (*task_)(index, thread);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+      next_.store(n_tasks_);  // skip what has not started
+    }
+  }
 }
 
 void ThreadPool::run(int n_tasks, const std::function<void(int, int)>& task) {
@@ -40,6 +48,11 @@ void ThreadPool::run(int n_tasks, const std::function<void(int, int)>& task) {
   std::unique_lock<std::mutex> lock(mutex_);
   done_.wait(lock, [this] { return busy_workers_ == 0; });
   task_ = nullptr;
+  if (error_) {
+    std::exception_ptr error = error_;
+    error_ = nullptr;
+    std::rethrow_exception(error);
+  }
 }
 
 void ThreadPool::worker_loop(int thread) {

@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -21,7 +22,8 @@ class ThreadPool {
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
   // Calls task(index, thread) for every index in [0, n_tasks), spread dynamically over the pool;
-  // `thread` in [0, size()) identifies per-thread scratch. Returns when all tasks are done.
+  // `thread` in [0, size()) identifies per-thread scratch. Returns when all tasks are done. When a task
+  // throws, the tasks not yet started are skipped and run() rethrows the first exception.
   void run(int n_tasks, const std::function<void(int index, int thread)>& task);
 
  private:
@@ -38,6 +40,7 @@ class ThreadPool {
   int busy_workers_ = 0;
   unsigned generation_ = 0;
   bool stopping_ = false;
+  std::exception_ptr error_;  // the first exception a task threw in the current run
 };
 
 }  // namespace sinkcheck

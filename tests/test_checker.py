@@ -160,7 +160,9 @@ def test_cli_json_table_and_gate(tiny_pair):
     done = run_cli(tiny_pair["before"], "--probes", tiny_pair["probes"], "--json", out, "--threads", 2)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
-    assert set(report) == {"sink_position", "divergence", "positive"}
+    assert set(report) == {"sink_position", "divergence", "positive", "probe_set"}
+    assert report["probe_set"] == f"file:{tiny_pair['probes']}"
+    assert f"probe set: file:{tiny_pair['probes']}" in done.stdout
     assert report["sink_position"] == 0
     assert_close(report["divergence"], tiny_pair["want"])
     n_positive = int((tiny_pair["want"] > 0).sum())
@@ -203,7 +205,7 @@ def test_cli_reads_probes_from_metadata_and_shards(tiny_pair, tmp_path):
     done = run_cli(folder / "model.safetensors", "--json", out)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
-    assert report["sink_position"] == 2
+    assert report["sink_position"] == 2 and report["probe_set"] == "metadata"
     assert_close(report["divergence"], want)
 
     # The same weights in three shards: folder with index, the index itself, and a folder without index.

@@ -207,9 +207,22 @@ def test_cli_rejects_truncated_and_missing_files(base):
     expect_bad_input(shards, "--probes", base["probes"], message="must be a plain file name")
 
 
+def weights_and_config_only(base, name):
+    """A copy of the good folder without its tokenizer files: no text probes can be tokenized for it."""
+    folder = variant(base, name)
+    for file in folder.iterdir():
+        if file.name not in ("model.safetensors", "config.json"):
+            file.unlink()
+    return folder
+
+
 def test_cli_rejects_bad_probes(base):
     folder, root = base["folder"], base["root"]
-    expect_bad_input(folder, message="no probes found")
+    # No metadata, no --probes, and no tokenizer for the built-in text probes.
+    expect_bad_input(weights_and_config_only(base, "no_tokenizer"),
+                     message="no probes found: ")
+    expect_bad_input(weights_and_config_only(base, "no_tokenizer"),
+                     message="the built-in text probes need the folder's tokenizer")
     expect_bad_input(folder, "--probes", root / "absent.json", message="cannot read probes file")
     (root / "list.json").write_text("[1, 2]")
     expect_bad_input(folder, "--probes", root / "list.json", message="line 1 needs string fields")
@@ -233,6 +246,6 @@ def test_cli_rejects_bad_probes(base):
 def test_cli_rejects_bad_flags(base):
     expect_bad_input(base["folder"], "--max-positive", "lots", message="invalid int value: 'lots'")
     expect_bad_input(base["folder"], "--probes", base["probes"], "--max-positive", "-1",
-                     message="--max-positive must be non-negative")
+                     message="--max-positive must be between 0 and")
     done = run_cli(base["folder"], "--probes", base["probes"], "--json", base["root"] / "no_dir" / "out.json")
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr

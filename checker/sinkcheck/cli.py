@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -17,14 +18,19 @@ that queries after the sink position put on the sink; the divergence is d_h = a_
 computed in fp32 by an independent C++ forward pass. Heads with d_h > 0 are "positive"."""
 
 EPILOG = """\
-probes, in order of preference:
+probes, in order of preference (the report and --json name the set used: "file:FILE", "metadata", "built-in"):
   --probes FILE       a JSON object {"sink_position": s, "harmful": [[ids]...], "harmless": [[ids]...]}, or
                       JSONL text records {"instruction": ..., "output": ..., "harmful": true|false}, tokenized
                       with the model folder's tokenizer and chat template (prompt, then answer), sink at 0
   PATH's metadata     the probes surgery.py stores under "sinkcheck.probes" in the safetensors __metadata__
   OTHER's metadata    with --compare, when PATH has none (e.g. PATH is the model before fine-tuning)
+  built-in            the text records shipped with sinkcheck (sinkcheck/data/builtin_probes.jsonl),
+                      tokenized with the model folder's tokenizer and chat template
 
-exit status: 0 done, 1 more positive heads than --max-positive, 2 bad input (one line on stderr)."""
+exit status: 0 done, 1 more positive heads than --max-positive, 2 bad input (one line on stderr, no output
+file written): bad flags, unreadable or malformed files, unsupported models, bad probes, and checkpoints
+holding NaN or infinite weights (or whose activations overflow), named by tensor or layer.
+On a terminal, a line per layer on stderr shows progress and an estimate of the time left."""
 
 
 class UsageError(Exception):
@@ -52,27 +58,68 @@ def build_parser():
                    help="also audit OTHER_PATH with the same probes and show both side by side, with the heads "
                         "whose sign flipped (A = PATH, B = OTHER_PATH); the gate still applies to PATH")
     p.add_argument("--threads", metavar="N", type=int, default=0,
-                   help="compute threads (default: one per CPU core)")
-    p.add_argument("--top", metavar="K", type=int, default=10, help="how many of the largest divergences to list")
+                   help=f"compute threads, 0 to {MAX_THREADS} (default 0: one per CPU core)")
+    p.add_argument("--top", metavar="K", type=int, default=10,
+                   help="how many of the largest divergences to list (at least 1)")
     return p
 
 
+MAX_THREADS = 1024
+INT_MAX = 2**31 - 1
+
+
+def check_args(args):
+    """Range checks argparse cannot do, and the --json target, before any file is read."""
+    if args.max_positive is not None and not 0 <= args.max_positive <= INT_MAX:
+        raise UsageError(f"--max-positive must be between 0 and {INT_MAX}, got {args.max_positive}")
+    if not 0 <= args.threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be between 0 and {MAX_THREADS}, got {args.threads}")
+    if not 1 <= args.top <= INT_MAX:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    if args.json:
+        target = Path(args.json)
+        folder = target.resolve().parent
+        if not folder.exists():
+            raise UsageError(f"--json {args.json}: folder {folder} does not exist")
+        if not folder.is_dir():
+            raise UsageError(f"--json {args.json}: {folder} is not a folder")
+        if target.is_dir():
+            raise UsageError(f"--json {args.json}: is a folder, expected a file name")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"--json {args.json}: folder {folder} is not writable")
+
+
+def duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class ProgressLine:
-    """A single updating progress line on stderr, only when stderr is a terminal."""
+    """A line on stderr per layer done, with the time left estimated from the work done so far (token rows x
+    layers); only when stderr is a terminal. `stream` and `enabled` are for tests."""
 
-    def __init__(self, label):
+    def __init__(self, label, stream=None, enabled=None):
         self.label = label
-        self.enabled = sys.stderr.isatty()
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
         self.start = time.monotonic()
+        self.steps_shown = 0
 
-    def __call__(self, done, total):
-        if self.enabled:
-            rate = done / max(time.monotonic() - self.start, 1e-9)
-            print(f"\r{self.label}: {done}/{total} tokens ({rate:.0f} tokens/s)", end="", file=sys.stderr, flush=True)
+    def __call__(self, done, total, steps_done, steps_total):
+        if not self.enabled or steps_done <= self.steps_shown:
+            return
+        self.steps_shown = steps_done
+        elapsed = time.monotonic() - self.start
+        left = elapsed * (total - done) / done if done > 0 else 0.0
+        print(f"{self.label}: layer {steps_done}/{steps_total} done, {duration(elapsed)} elapsed, "
+              f"about {duration(left)} left", file=self.stream, flush=True)
 
     def close(self):
-        if self.enabled:
-            print(file=sys.stderr, flush=True)
+        pass
 
 
 def write_json_atomically(path, obj):
@@ -80,7 +127,7 @@ def write_json_atomically(path, obj):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
+            json.dump(obj, f, allow_nan=False)  # strict JSON: a NaN here is a bug, not a number to write
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -97,13 +144,13 @@ def load_probes(args, core, probes_mod):
         found = probes_mod.from_metadata(candidate)
         if found is not None:
             return found
-    raise probes_mod.ProbeError(f"no probes found: {args.path} has no '{probes_mod.METADATA_KEY}' metadata"
-                                + (f" and neither has {args.compare}" if args.compare else "")
-                                + "; pass --probes FILE")
+    where = f"{args.path} has no '{probes_mod.METADATA_KEY}' metadata" + (
+        f" and neither has {args.compare}" if args.compare else "")
+    return probes_mod.builtin(core.checkpoint_directory(args.path), where)
 
 
 def audit(path, probes, threads, core):
-    label = Path(path).name or str(path)
+    label = Path(path).resolve().name or str(path)
     model = core.Model(str(path), threads=threads)
     progress = ProgressLine(f"sinkcheck {label}")
     try:
@@ -114,22 +161,18 @@ def audit(path, probes, threads, core):
 
 def run(argv):
     args = build_parser().parse_args(argv)
-    if args.max_positive is not None and args.max_positive < 0:
-        raise UsageError("--max-positive must be non-negative")
-    if args.threads < 0:
-        raise UsageError("--threads must be non-negative")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UsageError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist")
+    check_args(args)
 
     from . import _core as core
     from . import probes as probes_mod
     from . import report
 
     probes = load_probes(args, core, probes_mod)
-    print(f"probes: {probes.source}: {len(probes.harmful)} harmful, {len(probes.harmless)} harmless, "
-          f"sink position {probes.sink_position}", file=sys.stderr)
     result = audit(args.path, probes, args.threads, core)
-    out = {"sink_position": probes.sink_position, "divergence": result["divergence"], "positive": result["positive"]}
+    print(f"probe set: {probes.kind} ({probes.source}): {len(probes.harmful)} harmful, {len(probes.harmless)} "
+          f"harmless, sink position {probes.sink_position}")
+    out = {"sink_position": probes.sink_position, "divergence": result["divergence"], "positive": result["positive"],
+           "probe_set": probes.kind}
     if args.compare:
         other = audit(args.compare, probes, args.threads, core)
         if [len(r) for r in other["divergence"]] != [len(r) for r in result["divergence"]]:
@@ -153,8 +196,17 @@ def run(argv):
     return EXIT_OK
 
 
+def _terminate(signum, frame):
+    # SIGTERM unwinds like Ctrl-C, so a --json temporary file is removed on the way out.
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        pass
     try:
         from . import _core
         from .probes import ProbeError

@@ -12,12 +12,19 @@ class ProbeError(Exception):
     """The probes are missing or malformed; the message names the source."""
 
 
+BUILTIN_FILE = "builtin_probes.jsonl"  # in the package's data/ folder; written by make_builtin_probes.py
+
+
 class Probes:
-    def __init__(self, harmful, harmless, sink_position, source):
+    """Token id lists per set; `kind` names the set for reports ("metadata", "file:PATH", "built-in"),
+    `source` is the longer description used in messages."""
+
+    def __init__(self, harmful, harmless, sink_position, source, kind):
         self.harmful = harmful
         self.harmless = harmless
         self.sink_position = sink_position
         self.source = source
+        self.kind = kind
 
 
 def _id_lists(value, field, source):
@@ -29,15 +36,15 @@ def _id_lists(value, field, source):
     return value
 
 
-def from_token_json(obj, source):
+def from_token_json(obj, source, kind):
     """{"sink_position": s, "harmful": [[ids]...], "harmless": [[ids]...]} (sink_position defaults to 0)."""
     if not isinstance(obj, dict):
         raise ProbeError(f"{source}: probes must be a JSON object with 'harmful' and 'harmless' token id lists")
     sink = obj.get("sink_position", 0)
-    if type(sink) is not int or sink < 0:
-        raise ProbeError(f"{source}: 'sink_position' must be a non-negative integer")
+    if type(sink) is not int or not 0 <= sink <= INT32_MAX:
+        raise ProbeError(f"{source}: 'sink_position' must be a non-negative integer up to {INT32_MAX}")
     return Probes(_id_lists(obj.get("harmful"), "harmful", source),
-                  _id_lists(obj.get("harmless"), "harmless", source), sink, source)
+                  _id_lists(obj.get("harmless"), "harmless", source), sink, source, kind)
 
 
 def from_metadata(path):
@@ -50,7 +57,7 @@ def from_metadata(path):
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ProbeError(f"{source}: not valid JSON ({e.msg})") from None
-    return from_token_json(obj, source)
+    return from_token_json(obj, source, "metadata")
 
 
 def _records(text, source):
@@ -62,6 +69,8 @@ def _records(text, source):
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ProbeError(f"{source}: line {number} is not JSON ({e.msg})") from None
+        if isinstance(rec, dict) and "_meta" in rec:
+            continue  # a comment record: where the file came from, licences
         instruction = rec.get("instruction", rec.get("prompt")) if isinstance(rec, dict) else None
         output = rec.get("output", rec.get("response")) if isinstance(rec, dict) else None
         harmful = rec.get("harmful") if isinstance(rec, dict) else None
@@ -109,11 +118,38 @@ def from_file(path, model_dir):
     except json.JSONDecodeError:
         obj = None
     if isinstance(obj, dict) and ("harmful" in obj and isinstance(obj["harmful"], list) or "harmless" in obj):
-        return from_token_json(obj, source)
-    records = _records(text, source)
+        return from_token_json(obj, source, f"file:{source}")
+    return _from_records(_records(text, source), model_dir, source, f"file:{source}")
+
+
+def _from_records(records, model_dir, source, kind):
     harmful = [r for r in records if r[2]]
     harmless = [r for r in records if not r[2]]
     if not harmful or not harmless:
         raise ProbeError(f"{source}: needs at least one record with \"harmful\": true and one with false")
     return Probes(tokenize_records(harmful, model_dir, source), tokenize_records(harmless, model_dir, source), 0,
-                  source)
+                  source, kind)
+
+
+def builtin_path():
+    """The packaged probe file (JSONL text records, held-out harmful vs refusal pairs; see its _meta line)."""
+    from importlib import resources
+    return resources.files(__package__) / "data" / BUILTIN_FILE
+
+
+def builtin(model_dir, why_not_others):
+    """The built-in probe set, tokenized with the folder's tokenizer and chat template. `why_not_others` says
+    why no other set was found; it goes into the message when the folder cannot tokenize text."""
+    path = builtin_path()
+    source = f"built-in probes ({BUILTIN_FILE})"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProbeError(f"no probes found: {why_not_others}, and the built-in probe file cannot be read "
+                         f"({e}); reinstall sinkcheck or pass --probes FILE") from None
+    records = _records(text, source)
+    try:
+        return _from_records(records, model_dir, source, "built-in")
+    except ProbeError as e:
+        raise ProbeError(f"no probes found: {why_not_others}, and the built-in text probes need the folder's "
+                         f"tokenizer: {e}; pass --probes FILE") from None
