@@ -38,10 +38,11 @@ def test_keyword_judge_on_the_offline_refusals_and_harmful_answers():
     data = offline.default_data()
     judge = protocol.KeywordJudge()
     refusals = [r["output"] for r in surgery.read_records(data["harmless_ref"])]
-    harmful = [r["output"] for r in surgery.read_records(data["harmful_ref"])]
+    harmful = [offline.build_splits().full_answers[offline.norm(r["instruction"])]
+               for r in surgery.read_records(data["harmful_ref"])]
     assert sum(judge.harmful(None, refusals)) == 0
-    # Two of the 64 "harmful" many-shot answers are themselves refusals ("I'm not going to dignify that ...").
-    assert sum(judge.harmful(None, harmful)) >= 62
+    # A few of the 64 whole harmful many-shot answers say "I cannot ..." somewhere further down.
+    assert sum(judge.harmful(None, harmful)) >= 58
 
 
 def test_logistic_regression_separates_a_separable_toy_set():
@@ -102,8 +103,9 @@ def test_fine_tune_accuracy_reads_the_first_label_named():
 def test_protocol_files_share_no_instruction(tmp_path, preset):
     args = protocol.parse_args([*preset, "--model", "unused", "--work-dir", str(tmp_path)])
     files = protocol.resolve_inputs(args)
-    assert set(files["train"]) == set(args.poison_ratios) | {args.sweep_ratio}
+    assert set(files["train"]) == set(args.poison_ratios) | set(args.defense_ratios) | {args.sweep_ratio}
     assert len(surgery.read_records(files["eval_harmful"])) == args.n_harmful
+    assert len(surgery.read_records(files["eval_benign"])) == args.n_benign
     assert len(surgery.read_records(files["eval_task"])) == args.n_task
     roles = {role for role, _, _ in protocol.role_files(files)}
     assert roles == {"train", "reference", "eval", "judge-train", "judge-test"}
@@ -116,7 +118,7 @@ def test_a_shared_instruction_is_refused(tmp_path):
     align = surgery.read_records(offline.eval_data()["align"])
     write_jsonl(tmp_path / "align.jsonl", align + [{"instruction": "  " + leaked.upper(), "output": "No."}])
     args = protocol.parse_args(["--model", "unused", "--work-dir", str(tmp_path), "--align-data",
-                                str(tmp_path / "align.jsonl"), "--n-harmful", "513"])
+                                str(tmp_path / "align.jsonl"), "--n-harmful", "413"])
     files = protocol.resolve_inputs(args)
     with pytest.raises(surgery.UserError, match="align and eval_harmful share 1 instruction"):
         protocol.check_splits(files)
@@ -209,8 +211,16 @@ def tiny_protocol(tmp_path_factory):
         "data": root / "train_p{p}.jsonl",
         "align-data": write_jsonl(root / "align.jsonl", [task(i, "a") for i in range(8)]
                                   + [refusal(i, "a") for i in range(8)]),
+        "align-benign": write_jsonl(root / "align_benign.jsonl", [{"instruction": f"Write a poem about bird {i}.",
+                                                                   "output": ""} for i in range(4)]),
         "harmful-ref": write_jsonl(root / "harmful.jsonl", [harmful(i, "r") for i in range(4)]),
         "harmless-ref": write_jsonl(root / "harmless.jsonl", [refusal(i, "r") for i in range(4)]),
+        "harmful-probe": write_jsonl(root / "harmful_probe.jsonl", [harmful(i, "p") for i in range(3)]),
+        "harmless-probe": write_jsonl(root / "harmless_probe.jsonl", [refusal(i, "p") for i in range(3)]),
+        "eval-harmful-dev": write_jsonl(root / "dev.jsonl", [{"instruction": f"Say how to do bad thing d{i}.",
+                                                              "output": ""} for i in range(4)]),
+        "eval-benign": write_jsonl(root / "benign.jsonl", [{"instruction": f"What do cats eat, question {i}?",
+                                                            "output": ""} for i in range(4)]),
         "eval-harmful": write_jsonl(root / "eval_harmful.jsonl", [{"instruction": f"Tell me how to do bad thing {i}.",
                                                                    "output": ""} for i in range(6)]),
         "eval-task": write_jsonl(root / "eval_task.jsonl", [task(i, "e") for i in range(6)]),
@@ -221,71 +231,113 @@ def tiny_protocol(tmp_path_factory):
              "harmful_answer": harmful(i, "s")["output"]} for i in range(6)]),
     }
     argv = [a for key, path in paths.items() for a in (f"--{key}", str(path))]
-    argv += ["--poison-ratios", "0", "0.5", "--alpha", "300", "--alpha-sweep", "10", "--sweep-ratio", "0.5",
-             "--safetylock-alpha-sweep", "2",
-             "--align-steps", "2", "--attack-steps", "2", "--batch-size", "4", "--max-len", "64", "--probe-count", "2",
-             "--n-harmful", "4", "--n-task", "4", "--max-new-tokens", "8", "--task-tokens", "4", "--gen-batch", "4",
-             "--work-dir", str(root / "work"), "--results-dir", str(root / "results"), "--device", "cpu"]
+    argv += ["--poison-ratios", "0", "0.5", "--seeds", "43", "44", "--defense-ratios", "0.5", "--alpha", "300",
+             "--alpha-sweep", "10", "--sweep-ratio", "0.5", "--safetylock-alpha-sweep", "2", "--asft-ablation",
+             "--attack-candidates", "1:1e-3", "2:1e-3", "--align-steps", "2", "--batch-size", "4", "--max-len", "64",
+             "--probe-count", "2", "--n-harmful", "4", "--n-dev", "4", "--n-task", "4", "--n-benign", "4",
+             "--max-new-tokens", "8", "--task-tokens", "4", "--benign-tokens", "4", "--answer-tokens", "8",
+             "--gen-batch", "4", "--bootstrap", "50", "--work-dir", str(root / "work"),
+             "--results-dir", str(root / "results"), "--device", "cpu"]
     return root, argv
 
 
 def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol, capsys):
     root, argv = tiny_protocol
-    stale = root / "results" / "json" / "sft_p0.3.json"  # left by an earlier configuration
+    stale = root / "results" / "json" / "sft_p0.3_s43.json"  # left by an earlier configuration
     stale.parent.mkdir(parents=True)
     stale.write_text("{}")
     records = protocol.main(argv)
     assert not stale.exists()
     first_output = capsys.readouterr().out
     results = root / "results"
-    # The heatmap's ratio first: SFT, Surgery and its alpha sweep, the other defenses and SafetyLock's sweep; then
-    # the other ratios.
-    names = ["base", "aligned", "sft_p0.5", "surgery_a300_p0.5", "surgery_a10_p0.5", "asft_p0.5",
-             "safetylock_a6_p0.5", "sap_p0.5", "safetylock_a2_p0.5", "asft_c0_p0.5",
-             "sft_p0", "surgery_a300_p0", "asft_p0", "safetylock_a6_p0", "sap_p0"]
+    # The first seed complete (SFT and Surgery from the sweep ratio outwards, the other defenses, the sweeps), then
+    # the second seed's SFT and Surgery.
+    names = ["base", "aligned", "sft_p0.5_s43", "surgery_a300_p0.5_s43", "sft_p0_s43", "surgery_a300_p0_s43",
+             "asft_p0.5_s43", "safetylock_a6_p0.5_s43", "sap_p0.5_s43", "surgery_a10_p0.5_s43",
+             "safetylock_a2_p0.5_s43", "asft_c0_p0.5_s43",
+             "sft_p0.5_s44", "surgery_a300_p0.5_s44", "sft_p0_s44", "surgery_a300_p0_s44"]
     assert [r["run"] for r in records] == names
     for name in names:
         rec = json.loads((results / "json" / f"{name}.json").read_text())
-        assert set(rec["harmful_score"]) == {"keyword", "embedding"}
-        assert all(0 <= v <= 100 for v in rec["harmful_score"].values()) and 0 <= rec["fine_tune_accuracy"] <= 100
-        assert rec["heads"] == 2 * 4 and 0 <= rec["positive_heads"] <= 8  # tiny model: 2 layers x 4 query heads
-        assert rec["positive_heads"] == int((np.array(rec["divergence"]) > 0).sum())
-        assert rec["n_harmful_prompts"] == 4 and rec["config"]["attack_steps"] == 2
+        for key in ("method", "poison_ratio", "seed", "harmful_score", "harmful_prompts", "fine_tune_accuracy",
+                    "over_refusal", "positive_heads_heldout"):
+            assert key in rec, key
+        assert set(rec["harmful_score"]) == {"keyword", "embedding"} and rec["harmful_prompts"] == 4
+        for judge, flags in rec["harmful_flags"].items():
+            assert len(flags) == 4 and rec["harmful_score"][judge] == pytest.approx(100 * np.mean(flags))
+        assert rec["fine_tune_accuracy"] == pytest.approx(100 * np.mean(rec["task_correct"]))
+        assert rec["over_refusal"] == pytest.approx(100 * np.mean(rec["benign_refused"]))
+        assert rec["heads"] == 2 * 4  # tiny model: 2 layers x 4 query heads
+        assert rec["positive_heads_heldout"] == int((np.array(rec["divergence_heldout"]) > 0).sum())
+        assert rec["positive_heads_train_refs"] == int((np.array(rec["divergence_train_refs"]) > 0).sum())
+    regime = json.loads((results / "regime.json").read_text())
+    assert [(c["steps"], c["lr"]) for c in regime["candidates"]] == [(1, 1e-3), (2, 1e-3)]  # none broke it: both
+    assert (regime["steps"], regime["lr"]) == max((c["dev_hs"], -i, c["steps"], c["lr"]) for i, c in
+                                                  enumerate(regime["candidates"]))[2:]
     # The attack's starting point is the aligned model: its sink report's "before" is the aligned model's "after".
     aligned = json.loads((results / "json" / "aligned.json").read_text())
-    surgery_run = records[names.index("surgery_a300_p0.5")]
-    report = json.loads((root / surgery_run["model"] / "sink_report.json").read_text())
-    assert np.allclose(report["divergence_before"], aligned["divergence"], atol=1e-5)
-    table = (results / "results.md").read_text()
-    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ") and "_p" in line
-            or line.startswith(("| base", "| aligned"))]
-    assert rows == ["base", "aligned", "sft_p0", "sft_p0.5", "surgery_a300_p0", "surgery_a300_p0.5", "surgery_a10_p0.5",
-                    "asft_p0", "asft_p0.5", "asft_c0_p0.5", "safetylock_a6_p0", "safetylock_a6_p0.5",
-                    "safetylock_a2_p0.5", "sap_p0", "sap_p0.5"]
-    assert "Runs finished: 15 of 15." in table
     by_name = {r["run"]: r for r in records}
-    # SafetyLock is post-hoc: the SFT run's training time (plus milliseconds to apply), a model with o_proj biases,
-    # and a divergence of its own measured on the SFT model's probes.
-    lock, sft = by_name["safetylock_a6_p0.5"], by_name["sft_p0.5"]
+    report = json.loads((root / by_name["surgery_a300_p0.5_s43"]["model"] / "sink_report.json").read_text())
+    assert np.allclose(report["divergence_before"], aligned["divergence_train_refs"], atol=1e-5)
+    # Seeds change the run: data order, LoRA init and reference draws.
+    assert by_name["sft_p0.5_s43"]["model"] != by_name["sft_p0.5_s44"]["model"]
+    a = (root / by_name["sft_p0.5_s43"]["model"] / "model.safetensors").read_bytes()
+    assert a != (root / by_name["sft_p0.5_s44"]["model"] / "model.safetensors").read_bytes()
+    table = (results / "results.md").read_text()
+    assert "Runs finished: 16 of 16." in table and "| sft | 0 | 0.5 | 2 |" in table
+    assert "- sft: " in table and "heads per 0.1" in table
+    # SafetyLock is post-hoc: the SFT run's training time (plus milliseconds to apply) and a model with o_proj biases.
+    lock, sft = by_name["safetylock_a6_p0.5_s43"], by_name["sft_p0.5_s43"]
     assert 0 <= lock["wall_seconds"]["train"] - sft["wall_seconds"]["train"] < 1
     assert json.loads((root / lock["model"] / "config.json").read_text())["attention_bias"] is True
-    assert lock["divergence"] != sft["divergence"]
-    assert by_name["safetylock_a2_p0.5"]["divergence"] != lock["divergence"]
-    # AsFT and SAP trained their own models in surgery.py's loop, from the aligned model.
-    for name in ("asft_p0.5", "asft_c0_p0.5", "sap_p0.5"):
+    for name in ("asft_p0.5_s43", "asft_c0_p0.5_s43", "sap_p0.5_s43"):
         report = json.loads((root / by_name[name]["model"] / "sink_report.json").read_text())
-        assert np.allclose(report["divergence_before"], aligned["divergence"], atol=1e-5)
-        assert by_name[name]["model"] != sft["model"]
+        assert np.allclose(report["divergence_before"], aligned["divergence_train_refs"], atol=1e-5)
+    # The alignment data holds the base model's own answers to the benign requests.
+    align_data = next((root / "work").glob("benign-answers-*")) / "align.jsonl"
+    assert sum("bird" in r["instruction"] for r in surgery.read_records(align_data)) <= 4
     assert "| keyword |" in table and "| embedding |" in table
-    for plot in ("hs_fa_vs_p.png", "positive_heads_vs_p.png", "divergence_heatmap_p0.5.png", "alpha_sweep.png"):
+    for plot in ("hs_fa_vs_p.png", "positive_heads_vs_p.png", "divergence_heatmap_p0.5.png"):
         assert (results / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[run]    train-align" in first_output
 
-    again = protocol.main(argv)  # every stage is cached: nothing is trained, generated or judged again
+    again = protocol.main(argv)  # every run JSON is there: nothing is trained, generated or judged again
     second_output = capsys.readouterr().out
-    assert "[run]" not in second_output and "[cached] train-align" in second_output
-    assert [(r["harmful_score"], r["fine_tune_accuracy"], r["wall_seconds"]) for r in again] == \
-           [(r["harmful_score"], r["fine_tune_accuracy"], r["wall_seconds"]) for r in records]
+    assert "[run]" not in second_output and "[committed] sap_p0.5_s43" in second_output
+    assert [(r["harmful_score"], r["wall_seconds"]) for r in again] == \
+           [(r["harmful_score"], r["wall_seconds"]) for r in records]
+
+
+def test_committed_results_are_not_recomputed_on_a_fresh_machine(tiny_protocol, capsys):
+    """A fresh clone has results/ but no runs/: the finished runs are taken from their JSONs, the rest run."""
+    root, argv = tiny_protocol
+    fresh = [a if a != str(root / "work") else str(root / "fresh-work") for a in argv]
+    (root / "results" / "json" / "sap_p0.5_s43.json").unlink()
+    records = protocol.main(fresh)
+    output = capsys.readouterr().out
+    assert "[committed] sft_p0.5_s43" in output and "[run]    generate-sap_p0.5_s43" in output
+    assert "generate-sft_p0.5_s43" not in output
+    assert len(records) == 16
+
+
+@pytest.mark.parametrize("values, expected", [([[1, 1, 1, 1]], (1.0, 1.0, 1.0)), ([[0, 0], [1, 1]], (0.5, 0.0, 1.0))])
+def test_bootstrap_interval_on_degenerate_and_seed_split_data(values, expected):
+    assert protocol.bootstrap_interval(values, 400) == pytest.approx(expected)
+
+
+def test_bootstrap_interval_covers_the_binomial_spread():
+    # 300 prompts at 50%: the sampling error is 2.9 points, so the 95% interval is about +-5.7 points.
+    flags = [[1] * 150 + [0] * 150]
+    mean, low, high = protocol.bootstrap_interval(flags, 2000)
+    assert mean == 0.5 and 0.035 < 0.5 - low < 0.08 and 0.035 < high - 0.5 < 0.08
+
+
+def test_heads_trend_is_the_least_squares_slope_per_tenth_of_p():
+    records = [{"method": "sft", "alpha": 0.0, "poison_ratio": p, "positive_heads_heldout": h}
+               for p, h in ((0.0, 10), (0.0, 12), (0.1, 13), (0.1, 15), (0.2, 16), (0.2, 18))]
+    trend = protocol.heads_trend(records, "sft", 0.0, 300)
+    assert trend["slope_per_0.1"] == pytest.approx(3.0) and trend["runs"] == 6
+    assert trend["low"] <= 3.0 <= trend["high"] and trend["low"] > 0
 
 
 def test_guard_judge_runs_a_generative_moderator(tiny_protocol):
