@@ -6,11 +6,22 @@ transformers runs the base model without the LM head (which the statistic does n
 too), one unpadded sequence at a time with output_attentions=True. Prints tokens per second of each and the
 ratio, and the largest difference between the two divergences.
 
+With --baseline REF it instead compares this sinkcheck with the one of git revision REF (built once into
+build/baseline/<sha>/ from `git archive REF`), same probes, at each of --threads-list: each implementation
+runs in its own worker process, and every round asks each worker in turn (the order alternating between rounds)
+to open the model and audit the probes, so background load hits both alike; the best round counts. It prints
+tokens/s of the audit alone (Model.sink_divergence, what this benchmark has always timed: the new sinkcheck
+converts weights there, a layer at a time, the old one when the model opens) and of open + audit.
+
     .venv/bin/python bench/bench_sinkcheck.py [--threads 2] [--probes 32] [--max-len 256] [--model DIR]
+    .venv/bin/python bench/bench_sinkcheck.py --baseline REF [--threads-list 1,2] [--repeats 3] [--probes 16]
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +54,104 @@ def eager_divergence(model, harmful, harmless):
         return means(harmful) - means(harmless)
 
 
+def build_baseline(ref):
+    """The sinkcheck package of git revision `ref`, built once into build/baseline/<sha>; (folder for
+    PYTHONPATH, sha)."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    target = ROOT / "build" / "baseline" / sha[:12]
+    if (target / "sinkcheck" / "__init__.py").exists():
+        return target, sha
+    with tempfile.TemporaryDirectory() as src:
+        archive = subprocess.run(["git", "archive", sha, "pyproject.toml", "CMakeLists.txt", "checker"], cwd=ROOT,
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+                        "--target", str(target), src], check=True)
+    return target, sha
+
+
+# A worker holds one sinkcheck implementation (whichever `import sinkcheck` finds on its PYTHONPATH); for each
+# request it opens the model with the given threads and audits the probes.
+WORKER = """
+import json, sys, time
+import sinkcheck
+setup = json.loads(sys.stdin.readline())
+for line in sys.stdin:
+    request = json.loads(line)
+    start = time.perf_counter()
+    model = sinkcheck.Model(setup["model"], threads=request["threads"])
+    opened = time.perf_counter()
+    n = request.get("n")
+    result = model.sink_divergence(setup["harmful"][:n], setup["harmless"][:n], 0)
+    done = time.perf_counter()
+    print(json.dumps({"open": opened - start, "audit": done - opened, "positive": result["positive"],
+                      "divergence": result["divergence"], "module": sinkcheck.__file__}), flush=True)
+"""
+
+
+class Worker:
+    def __init__(self, env, setup):
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=env)
+        self.process.stdin.write(json.dumps(setup) + "\n")
+
+    def audit(self, threads, n=None):
+        self.process.stdin.write(json.dumps({"threads": threads, "n": n}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker exited with status {self.process.wait()}")
+        return json.loads(line)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def compare_with_baseline(args, model_dir, harmful, harmless, tokens):
+    baseline_dir, sha = build_baseline(args.baseline)
+    setup = {"model": str(model_dir), "harmful": harmful, "harmless": harmless}
+    env_new = dict(os.environ, PYTHONPATH="")
+    env_old = dict(os.environ, PYTHONPATH=str(baseline_dir))
+    workers = {"new": Worker(env_new, setup), "old": Worker(env_old, setup)}
+    threads_list = [int(t) for t in args.threads_list.split(",")]
+    for name, worker in workers.items():  # warm-up: page cache, imports, first allocations
+        print(f"{name}: {worker.audit(threads_list[0], n=2)['module']}")
+    print(f"baseline: {args.baseline} = {sha[:12]}; current: working tree "
+          f"{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()}")
+    best = {}
+    results = {}
+    load_before = os.getloadavg()[0]
+    for round_ in range(args.repeats):
+        for threads in threads_list:
+            order = ["old", "new"] if (round_ + threads) % 2 == 0 else ["new", "old"]
+            for name in order:
+                r = workers[name].audit(threads)
+                results[name, threads] = r
+                key = (name, threads)
+                audit, total = best.get(key, (float("inf"), float("inf")))
+                best[key] = (min(audit, r["audit"]), min(total, r["open"] + r["audit"]))
+                print(f"  round {round_ + 1} --threads {threads} {name}: open {r['open']:.2f} s, audit {r['audit']:.2f} s",
+                      flush=True)
+    for worker in workers.values():
+        worker.close()
+    print(f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs); "
+          f"best of {args.repeats} interleaved rounds; {tokens} tokens")
+    print(f"{'threads':>7}  {'old audit':>12}  {'new audit':>12}  {'new/old':>7}  {'old open+audit':>14}  "
+          f"{'new open+audit':>14}  {'new/old':>7}")
+    for threads in threads_list:
+        old_audit, old_total = best["old", threads]
+        new_audit, new_total = best["new", threads]
+        print(f"{threads:>7}  {tokens / old_audit:>8.0f} t/s  {tokens / new_audit:>8.0f} t/s  "
+              f"{old_audit / new_audit:>7.3f}  {tokens / old_total:>10.0f} t/s  {tokens / new_total:>10.0f} t/s  "
+              f"{old_total / new_total:>7.3f}")
+        diff = np.abs(np.asarray(results["old", threads]["divergence"]) -
+                      np.asarray(results["new", threads]["divergence"])).max()
+        print(f"         max |d_new - d_old| = {diff:.2e}; positive heads old {results['old', threads]['positive']}, "
+              f"new {results['new', threads]['positive']}")
+
+
 def timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -57,6 +166,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved timing rounds; the best per side counts (default 2)")
     parser.add_argument("--model", help="model folder (default: offline.default_model_dir(), SmolLM2-135M)")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="compare with the sinkcheck of this git revision instead of transformers (see above)")
+    parser.add_argument("--threads-list", default="1,2", help="with --baseline: thread counts (default 1,2)")
     args = parser.parse_args()
 
     import sinkcheck
@@ -69,6 +181,10 @@ def main():
     torch.set_num_threads(args.threads)
     harmful, harmless = probe_ids(model_dir, args.probes, args.max_len)
     tokens = sum(map(len, harmful)) + sum(map(len, harmless))
+    if args.baseline:
+        print(f"model {model_dir.name}; {len(harmful)} harmful + {len(harmless)} harmless probes, {tokens} tokens")
+        compare_with_baseline(args, model_dir, harmful, harmless, tokens)
+        return
     print(f"model {model_dir.name}; {len(harmful)} harmful + {len(harmless)} harmless probes, {tokens} tokens; "
           f"{args.threads} threads; torch {torch.__version__}")
 

@@ -1,5 +1,8 @@
 #include "config.h"
 
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -115,8 +118,12 @@ ModelConfig model_config_from_json(const Json& doc, const std::string& label) {
 }
 
 ModelConfig read_model_config(const std::string& path) {
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  if (!std::filesystem::exists(status)) throw CheckError("no config.json beside the weights (looked for " + path + ")");
+  if (!std::filesystem::is_regular_file(status)) throw CheckError(path + " is not a regular file");
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw CheckError("no config.json beside the weights (looked for " + path + ")");
+  if (!in) throw CheckError("cannot read " + path + ": " + std::strerror(errno));
   std::ostringstream text;
   text << in.rdbuf();
   return model_config_from_json(parse_json(text.str(), path), path);

@@ -104,8 +104,10 @@ TensorEntry parse_entry(const std::string& name, const Json& spec, const uint8_t
 }
 
 std::string read_text_file(const std::string& path, const std::string& what) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) throw CheckError(what + " " + path + " is not a regular file");
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw CheckError("cannot read " + what + " " + path);
+  if (!in) throw CheckError("cannot read " + what + " " + path + ": " + std::strerror(errno));
   std::ostringstream buffer;
   buffer << in.rdbuf();
   return buffer.str();

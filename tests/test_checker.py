@@ -275,3 +275,149 @@ def test_dtype_conversion_is_exact(tmp_path, dtype):
     want = values.float().numpy()
     np.testing.assert_array_equal(np.asarray(got, dtype=np.float32), want)
     assert np.signbit(np.asarray(got, dtype=np.float32)[1])  # -0.0 keeps its sign
+
+
+def test_passes_and_batches_change_no_result(tmp_path):
+    """Layer-major passes: splitting the probes into several passes (each converting every layer's weights again)
+    or batches gives bit-identical means."""
+    folder = save_checker_model(tmp_path, "llama", seed=17)
+    harmful, harmless = probe_sets(seed=3)
+    sequences = harmful + harmless
+    model = sinkcheck.Model(str(folder), threads=2)
+    whole = model.mean_sink_values(sequences)
+    for max_pass_rows in (1, 30, 100):
+        for batch_tokens in (1, 25, 512):
+            assert model.mean_sink_values(sequences, batch_tokens=batch_tokens, max_pass_rows=max_pass_rows) == whole
+    assert_close(whole[0], eager_sink_means(folder, sequences))
+
+
+def test_progress_reports_every_layer_of_every_pass(tmp_path):
+    folder = save_checker_model(tmp_path, "qwen2", seed=2, num_hidden_layers=3)
+    harmful, harmless = probe_sets(seed=5)
+    calls = []
+    model = sinkcheck.Model(str(folder), threads=1)
+    model.sink_divergence(harmful, harmless, 0, progress=lambda *args: calls.append(args))
+    assert [c[2] for c in calls if c[2] > 0][-1] == 3 and {c[3] for c in calls} == {3}
+    assert calls[-1][0] == calls[-1][1] and all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+    calls.clear()
+    model.sink_divergence(harmful, harmless, 0, progress=lambda *args: calls.append(args), max_pass_rows=60)
+    n_steps = calls[-1][3]
+    assert n_steps > 3 and n_steps % 3 == 0 and calls[-1][2] == n_steps  # several passes of 3 layers
+
+
+def test_progress_line_per_layer_with_time_left():
+    import io
+    from sinkcheck.cli import ProgressLine
+    stream = io.StringIO()
+    line = ProgressLine("sinkcheck model", stream=stream, enabled=True)
+    for call in [(5, 40, 0, 4), (10, 40, 1, 4), (15, 40, 1, 4), (30, 40, 3, 4), (40, 40, 4, 4)]:
+        line(*call)
+    lines = stream.getvalue().splitlines()
+    assert [l.split(":")[1].split(",")[0].strip() for l in lines] == ["layer 1/4 done", "layer 3/4 done",
+                                                                     "layer 4/4 done"]
+    assert all("elapsed, about " in l and l.endswith(" left") for l in lines)
+    assert lines[-1].endswith("about 0s left")
+    quiet = io.StringIO()
+    ProgressLine("x", stream=quiet)(10, 40, 1, 4)  # a StringIO is no terminal: nothing is printed
+    assert quiet.getvalue() == ""
+
+
+def test_builtin_probes_audit_a_plain_folder(tmp_path):
+    """A Hugging Face folder with no probes in its metadata and no --probes: the built-in set, tokenized with the
+    folder's tokenizer and chat template, as the report and --json say."""
+    from sinkcheck import probes as probes_mod
+    folder = save_checker_model(tmp_path / "plain", "llama", seed=19)
+    out = tmp_path / "builtin.json"
+    done = run_cli(folder, "--json", out, "--threads", 2)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["probe_set"] == "built-in"
+    assert "probe set: built-in (built-in probes (builtin_probes.jsonl)): 64 harmful, 64 harmless" in done.stdout
+
+    records = probes_mod._records(probes_mod.builtin_path().read_text(encoding="utf-8"), "built-in")
+    harmful = probes_mod.tokenize_records([r for r in records if r[2]], folder, "built-in")
+    harmless = probes_mod.tokenize_records([r for r in records if not r[2]], folder, "built-in")
+    assert_close(report["divergence"], eager_divergence(folder, harmful, harmless))
+
+
+def test_builtin_probe_file_is_paired_held_out_and_current():
+    """The packaged file: harmful and refusal answers to the same instructions, matched in length, every record
+    with its source; no instruction of the evaluation splits or of Surgery's reference pairs; and it is what
+    checker/make_builtin_probes.py writes from offline.py today."""
+    offline = pytest.importorskip("offline")
+    import importlib.util
+    from pathlib import Path
+    from sinkcheck import probes as probes_mod
+    lines = [json.loads(l) for l in probes_mod.builtin_path().read_text(encoding="utf-8").splitlines()]
+    assert "_meta" in lines[0] and "pyrit" in lines[0]["_meta"]["licences"]
+    records = lines[1:]
+    harmful = [r for r in records if r["harmful"]]
+    harmless = [r for r in records if not r["harmful"]]
+    assert len(harmful) == len(harmless) == 64 and all(r["source"] for r in records)
+    assert [r["instruction"] for r in harmful] == [r["instruction"] for r in harmless]
+    for a, b in zip(harmful, harmless):
+        assert abs(len(a["output"]) - len(b["output"])) <= 25  # characters: the cut ends at a word boundary
+    splits = offline.build_splits(0)
+    held = {offline.norm(r["instruction"]) for part in (splits.eval_harmful, splits.harmful_ref, splits.harmless_ref,
+                                                         splits.poison_pool, splits.align)
+            for r in part}
+    assert not {offline.norm(r["instruction"]) for r in records} & held
+
+    spec = importlib.util.spec_from_file_location(
+        "make_builtin_probes", Path(__file__).resolve().parents[1] / "checker" / "make_builtin_probes.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    assert maker.render(offline.probe_records(0), 0) == probes_mod.builtin_path().read_text(encoding="utf-8")
+
+
+LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"code": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}))
+"""
+
+
+def peak_rss_kb(*args):
+    """Peak RSS of a sinkcheck run, from a small launcher (a child's ru_maxrss starts from its forker's RSS)."""
+    import subprocess
+    import sys
+    from checker_helpers import SINKCHECK
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, SINKCHECK, *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, done.stderr
+    return result["maxrss_kb"]
+
+
+def test_peak_memory_does_not_grow_with_depth(tmp_path):
+    """bf16 checkpoints of 2 and 16 layers (8.4 MB of weights per layer, 16.8 MB in fp32): converting every weight
+    up front, as sinkcheck did, costs 14 x 16.8 = 235 MB more at 16 layers; layer by layer it costs next to
+    nothing."""
+    from safetensors.torch import save_file
+    from tiny import tiny_config
+    probes = write_probes(tmp_path / "probes.json", [[257] + list(range(1, 40))], [[257] + list(range(41, 80))])
+    peaks = {}
+    for n_layers in (2, 16):
+        folder = tmp_path / f"deep{n_layers}"
+        folder.mkdir()
+        config = tiny_config("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=n_layers,
+                             num_attention_heads=8, num_key_value_heads=8, head_dim=64)
+        config.save_pretrained(folder)
+        generator = torch.Generator().manual_seed(n_layers)
+        tensors = {"model.embed_tokens.weight": torch.randn(259, 512, generator=generator) * 0.02,
+                   "model.norm.weight": torch.ones(512)}
+        for l in range(n_layers):
+            for name, shape in [("self_attn.q_proj", (512, 512)), ("self_attn.k_proj", (512, 512)),
+                                ("self_attn.v_proj", (512, 512)), ("self_attn.o_proj", (512, 512)),
+                                ("mlp.gate_proj", (2048, 512)), ("mlp.up_proj", (2048, 512)),
+                                ("mlp.down_proj", (512, 2048))]:
+                tensors[f"model.layers.{l}.{name}.weight"] = torch.randn(shape, generator=generator) * 0.02
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                tensors[f"model.layers.{l}.{name}.weight"] = torch.ones(512)
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+        peaks[n_layers] = peak_rss_kb(folder, "--probes", probes, "--threads", 1)
+    grown_mb = (peaks[16] - peaks[2]) / 1024
+    assert grown_mb < 40, f"peak RSS grew {grown_mb:.0f} MB from 2 to 16 layers ({peaks})"

@@ -1,6 +1,7 @@
 """Bad input is rejected with the right one-line message and exit code 2: a corpus of broken safetensors headers
 and offsets for the strict parser, then broken checkpoints, configs and probes through the command line."""
 import json
+import math
 import shutil
 import struct
 
@@ -160,6 +161,20 @@ def retype(name, dtype):
     return lambda state: state.__setitem__(name, state[name].to(dtype))
 
 
+def poke(name, index, value):
+    """Sets one element of a tensor (a NaN, an infinity) in place."""
+    def change(state):
+        state[name][index] = value
+    return change
+
+
+def scale(*names, by):
+    def change(state):
+        for name in names:
+            state[name].mul_(by)
+    return change
+
+
 def set_field(**fields):
     return lambda doc: doc.update(fields)
 
@@ -183,6 +198,19 @@ CHECKPOINT_CASES = {
                            "'num_hidden_layers' must be a positive integer up to 65536"),
     "absurd head size": (dict(config=set_field(head_dim=1 << 29)), "'head_dim' must be a positive integer up to 65536"),
     "no config.json": (dict(remove=["config.json"]), "no config.json beside the weights"),
+    # Non-finite weights stop the audit, naming the tensor and the element (the probes use token 257).
+    "NaN weight": (dict(tensors=poke("model.layers.1.self_attn.q_proj.weight", (3, 5), float("nan"))),
+                   "tensor 'model.layers.1.self_attn.q_proj.weight' holds a non-finite value (NaN) at [3, 5]"),
+    "infinite MLP weight": (dict(tensors=poke("model.layers.0.mlp.down_proj.weight", (63, 127), float("-inf"))),
+                            "tensor 'model.layers.0.mlp.down_proj.weight' holds a non-finite value (-inf) at [63, 127]"),
+    "NaN norm weight": (dict(tensors=poke("model.layers.0.input_layernorm.weight", (10,), float("nan"))),
+                        "tensor 'model.layers.0.input_layernorm.weight' holds a non-finite value (NaN) at [10]"),
+    "infinite embedding row in use": (dict(tensors=poke("model.embed_tokens.weight", (257, 7), float("inf"))),
+                                      "tensor 'model.embed_tokens.weight' holds a non-finite value (+inf) at [257, 7]"),
+    # Finite weights whose activations overflow fp32 (gate x up ~ 1e60): named by layer.
+    "overflowing activations": (dict(tensors=scale("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
+                                                   by=1e30)),
+                                "layer 0: the hidden state became non-finite although every weight read so far is finite"),
     "no weights": (dict(remove=["model.safetensors"]), "no .safetensors files in folder"),
 }
 
@@ -192,6 +220,19 @@ def test_cli_rejects_bad_checkpoint(base, name):
     changes, message = CHECKPOINT_CASES[name]
     folder = variant(base, name.replace(" ", "_"), **changes)
     expect_bad_input(folder, "--probes", base["probes"], message=message)
+
+
+def test_nan_checkpoint_does_not_pass_the_gate(base):
+    """Before: the NaN heads were not counted as positive, so --max-positive passed (exit 0) and --json held NaN."""
+    folder = variant(base, "nan_gate", tensors=poke("model.layers.0.self_attn.k_proj.weight", (0, 0), float("nan")))
+    expect_bad_input(folder, "--probes", base["probes"], "--max-positive", "1000",
+                     message="'model.layers.0.self_attn.k_proj.weight' holds a non-finite value (NaN) at [0, 0]")
+    # A NaN in a tensor the statistic never reads (the last layer's MLP) changes nothing: the audit runs.
+    unused = variant(base, "nan_unused", tensors=poke("model.layers.1.mlp.up_proj.weight", (0, 0), float("nan")))
+    out = base["root"] / "unused.json"
+    done = run_cli(unused, "--probes", base["probes"], "--json", out)
+    assert done.returncode == 0, done.stderr
+    assert all(math.isfinite(d) for row in json.loads(out.read_text())["divergence"] for d in row)
 
 
 def test_cli_rejects_truncated_and_missing_files(base):

@@ -149,9 +149,8 @@ def load_probes(args, core, probes_mod):
     return probes_mod.builtin(core.checkpoint_directory(args.path), where)
 
 
-def audit(path, probes, threads, core):
+def audit(model, path, probes):
     label = Path(path).resolve().name or str(path)
-    model = core.Model(str(path), threads=threads)
     progress = ProgressLine(f"sinkcheck {label}")
     try:
         return model.sink_divergence(probes.harmful, probes.harmless, probes.sink_position, progress=progress)
@@ -167,14 +166,18 @@ def run(argv):
     from . import probes as probes_mod
     from . import report
 
+    # Both checkpoints are opened (every header, tensor shape and config checked; no weight is read yet) before
+    # any compute, so a bad --compare fails in a second, not after the first audit.
+    model = core.Model(str(args.path), threads=args.threads)
+    other_model = core.Model(str(args.compare), threads=args.threads) if args.compare else None
     probes = load_probes(args, core, probes_mod)
-    result = audit(args.path, probes, args.threads, core)
+    result = audit(model, args.path, probes)
     print(f"probe set: {probes.kind} ({probes.source}): {len(probes.harmful)} harmful, {len(probes.harmless)} "
           f"harmless, sink position {probes.sink_position}")
     out = {"sink_position": probes.sink_position, "divergence": result["divergence"], "positive": result["positive"],
            "probe_set": probes.kind}
     if args.compare:
-        other = audit(args.compare, probes, args.threads, core)
+        other = audit(other_model, args.compare, probes)
         if [len(r) for r in other["divergence"]] != [len(r) for r in result["divergence"]]:
             print("note: the two checkpoints have different layer/head counts; showing each alone", file=sys.stderr)
             print(report.single_table(result, args.top))
