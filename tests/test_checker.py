@@ -309,7 +309,7 @@ def test_progress_line_per_layer_with_time_left():
     import io
     from sinkcheck.cli import ProgressLine
     stream = io.StringIO()
-    line = ProgressLine("sinkcheck model", stream=stream, enabled=True)
+    line = ProgressLine("sinkcheck model", stream=stream, enabled=True, quiet_seconds=0)
     for call in [(5, 40, 0, 4), (10, 40, 1, 4), (15, 40, 1, 4), (30, 40, 3, 4), (40, 40, 4, 4)]:
         line(*call)
     lines = stream.getvalue().splitlines()
@@ -318,7 +318,8 @@ def test_progress_line_per_layer_with_time_left():
     assert all("elapsed, about " in l and l.endswith(" left") for l in lines)
     assert lines[-1].endswith("about 0s left")
     quiet = io.StringIO()
-    ProgressLine("x", stream=quiet)(10, 40, 1, 4)  # a StringIO is no terminal: nothing is printed
+    ProgressLine("x", stream=quiet, quiet_seconds=0)(10, 40, 1, 4)  # a StringIO is no terminal: nothing printed
+    ProgressLine("x", stream=quiet, enabled=True)(10, 40, 1, 4)  # a short audit (under 2 s so far): nothing
     assert quiet.getvalue() == ""
 
 

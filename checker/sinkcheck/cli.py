@@ -100,20 +100,24 @@ def duration(seconds):
 
 class ProgressLine:
     """A line on stderr per layer done, with the time left estimated from the work done so far (token rows x
-    layers); only when stderr is a terminal. `stream` and `enabled` are for tests."""
+    layers); only when stderr is a terminal and once the audit has run `quiet_seconds`, so short audits stay
+    quiet. `stream`, `enabled` and `quiet_seconds` are for tests."""
 
-    def __init__(self, label, stream=None, enabled=None):
+    def __init__(self, label, stream=None, enabled=None, quiet_seconds=2.0):
         self.label = label
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.quiet_seconds = quiet_seconds
         self.start = time.monotonic()
         self.steps_shown = 0
 
     def __call__(self, done, total, steps_done, steps_total):
         if not self.enabled or steps_done <= self.steps_shown:
             return
-        self.steps_shown = steps_done
         elapsed = time.monotonic() - self.start
+        if elapsed < self.quiet_seconds:
+            return
+        self.steps_shown = steps_done
         left = elapsed * (total - done) / done if done > 0 else 0.0
         print(f"{self.label}: layer {steps_done}/{steps_total} done, {duration(elapsed)} elapsed, "
               f"about {duration(left)} left", file=self.stream, flush=True)
