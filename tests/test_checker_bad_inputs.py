@@ -264,3 +264,14 @@ def test_killed_around_the_json_write_leaves_no_partial_file(tmp_path):
             assert not list(tmp_path.glob(".report.json.*.tmp")), "SIGTERM left a temporary file"
     assert outcomes["absent"] > 0, outcomes
     print(outcomes)
+
+
+def test_json_writer_is_strict_and_leaves_nothing_on_failure(tmp_path):
+    """A NaN can no longer reach the writer (non-finite weights and activations stop the audit), and if one did,
+    the writer refuses it rather than writing `NaN`, which is not JSON."""
+    from sinkcheck.cli import write_json_atomically
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_json_atomically(tmp_path / "report.json", {"divergence": [[0.1, float("nan")]]})
+    assert list(tmp_path.iterdir()) == []
+    write_json_atomically(tmp_path / "report.json", {"divergence": [[0.1, -0.2]]})
+    assert json.loads((tmp_path / "report.json").read_text()) == {"divergence": [[0.1, -0.2]]}
