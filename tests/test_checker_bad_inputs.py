@@ -55,6 +55,7 @@ def env(tmp_path_factory):
     }.items():
         text(name, json.dumps(obj))
     text("missing_fields.jsonl", json.dumps({"instruction": "a", "harmful": True}) + "\n")
+    text("input_not_text.jsonl", json.dumps({"instruction": "a", "output": "b", "input": 5, "harmful": True}) + "\n")
 
     # Model folders broken in one file each.
     def model_variant(name, change):
@@ -122,6 +123,7 @@ FILE_ROWS = {
     "probes binary": (["--probes", "{binary_json}"], "cannot read probes file"),
     "probes CSV": (["--probes", "{csv_txt}"], "line 1 is not JSON"),
     "probes records missing fields": (["--probes", "{missing_fields_jsonl}"], "line 1 needs string fields"),
+    "probes record input not text": (["--probes", "{input_not_text_jsonl}"], "line 1: 'input' must be a string"),
     # --compare
     "compare missing": (["--compare", "{root}/nowhere"], "no such file or folder: "),
     "compare wrong format": (["--compare", "{hello_safetensors}"], "exceeds the 100 MB limit"),

@@ -78,6 +78,8 @@ def _records(text, source):
             raise ProbeError(f"{source}: line {number} needs string fields 'instruction' and 'output' "
                              f"and a boolean 'harmful'")
         extra = rec.get("input") or ""
+        if not isinstance(extra, str):
+            raise ProbeError(f"{source}: line {number}: 'input' must be a string")
         records.append((instruction + ("\n\n" + extra if extra else ""), output, harmful))
     return records
 
