@@ -227,6 +227,10 @@ def test_nan_checkpoint_does_not_pass_the_gate(base):
     folder = variant(base, "nan_gate", tensors=poke("model.layers.0.self_attn.k_proj.weight", (0, 0), float("nan")))
     expect_bad_input(folder, "--probes", base["probes"], "--max-positive", "1000",
                      message="'model.layers.0.self_attn.k_proj.weight' holds a non-finite value (NaN) at [0, 0]")
+    # The same checkpoint as --compare's: the gate applies to PATH, but a broken OTHER is still bad input.
+    done = run_cli(base["folder"], "--probes", base["probes"], "--compare", folder, "--json", base["root"] / "cmp.json")
+    assert done.returncode == 2 and done.stdout == "" and not (base["root"] / "cmp.json").exists()
+    assert done.stderr.count("\n") == 1 and "'model.layers.0.self_attn.k_proj.weight' holds a non-finite" in done.stderr
     # A NaN in a tensor the statistic never reads (the last layer's MLP) changes nothing: the audit runs.
     unused = variant(base, "nan_unused", tensors=poke("model.layers.1.mlp.up_proj.weight", (0, 0), float("nan")))
     out = base["root"] / "unused.json"

@@ -176,12 +176,14 @@ def run(argv):
     other_model = core.Model(str(args.compare), threads=args.threads) if args.compare else None
     probes = load_probes(args, core, probes_mod)
     result = audit(model, args.path, probes)
+    del model  # its layer buffers go before the second audit fills its own
+    other = audit(other_model, args.compare, probes) if args.compare else None
+    del other_model
     print(f"probe set: {probes.kind} ({probes.source}): {len(probes.harmful)} harmful, {len(probes.harmless)} "
           f"harmless, sink position {probes.sink_position}")
     out = {"sink_position": probes.sink_position, "divergence": result["divergence"], "positive": result["positive"],
            "probe_set": probes.kind}
     if args.compare:
-        other = audit(other_model, args.compare, probes)
         if [len(r) for r in other["divergence"]] != [len(r) for r in result["divergence"]]:
             print("note: the two checkpoints have different layer/head counts; showing each alone", file=sys.stderr)
             print(report.single_table(result, args.top))
