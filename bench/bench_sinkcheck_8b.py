@@ -211,6 +211,9 @@ def main():
                 print(f"peak RSS {high} layers / {low} layers at --threads {t}: {ratio:.3f} "
                       f"({ours[high, t] / 2**30:.2f} GiB vs {ours[low, t] / 2**30:.2f} GiB)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if not args.keep:
+        for name in ("probes.json", "out.json"):
+            (args.dir / name).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
