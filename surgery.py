@@ -214,18 +214,21 @@ def sink_columns(model, batch, sink_pos, eager=False):
         previous = model.config._attn_implementation
         model.set_attn_implementation("eager")
         try:
-            maps = model.base_model(**inputs, output_attentions=True).attentions
+            maps = model(**inputs, output_attentions=True, logits_to_keep=1).attentions
         finally:
             model.set_attn_implementation(previous)
         return torch.stack([a[:, :, :, sink_pos].transpose(1, 2) for a in maps])
     with recording_sinks(sink_pos) as columns:
-        model.base_model(**inputs)  # the decoder stack only: sink values need no LM head
-    return torch.stack(columns)
+        # Through the root module, so FSDP2 and DDP see the call; one logit row only: sink values need no LM head.
+        logits = model(**inputs, logits_to_keep=1).logits
+    # The columns leave each layer beside its output. A zero-weighted use of the output makes every layer's backward
+    # wait for its output's gradient, where FSDP2 hooks the gathering of the layer's sharded weights.
+    return torch.stack(columns) + 0 * logits.sum()
 
 
 def sink_sums(model, batch, sink_pos, eager=False):
     """Per head, the sum over sequences of a_h(x) and the number of sequences with a valid non-sink query."""
-    columns = sink_columns(model, batch, sink_pos, eager)
+    columns = sink_columns(model, batch, sink_pos, eager).float()  # fp32 sums whatever the weights' dtype
     positions = torch.arange(columns.shape[2], device=columns.device)
     valid = batch["attention_mask"].bool() & (positions > sink_pos)  # [batch, query]
     counts = valid.sum(1)
@@ -270,7 +273,22 @@ def reference_lengths(harmful, harmless):
 
 @contextlib.contextmanager
 def without_dropout(model):
-    """The reference passes measure the model itself, not a dropout-thinned version of it (gradients still flow)."""
+    """The reference passes measure the model itself, not a dropout-thinned version of it: dropout layers (LoRA's)
+    and attention modules (whose dropout reads their own training flag) go to eval mode; the decoder layers stay in
+    training mode, so activation checkpointing still applies to the reference passes. Gradients flow as usual."""
+    switched = [m for m in model.modules() if m.training and (isinstance(m, nn.Dropout) or
+                                                                hasattr(m, "attention_dropout"))]
+    for m in switched:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.training = True
+
+
+@contextlib.contextmanager
+def evaluation_mode(model):
     was_training = model.training
     model.eval()
     try:
@@ -283,7 +301,7 @@ def without_dropout(model):
 def probe_divergence(model, harmful_ids, harmless_ids, sink_pos, pad_id, chunk=16):
     """d_h on fixed probe sets in fp32 and eval mode, chunked so 64 probes fit in little memory."""
     means = []
-    with without_dropout(model):
+    with evaluation_mode(model):
         for sequences in (harmful_ids, harmless_ids):
             total, n = 0.0, 0
             for i in range(0, len(sequences), chunk):
@@ -304,13 +322,12 @@ def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def load_model(name_or_path, device):
-    """Model and tokenizer from a local folder or a hub id, fp32 weights, with the sink-recording attention."""
+def load_model(name_or_path, device, dtype=torch.float32):
+    """Model and tokenizer from a local folder or a hub id, with the sink-recording attention."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32,
-                                                     attn_implementation=SINK_ATTENTION)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=SINK_ATTENTION)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
     if tokenizer.chat_template is None:
@@ -386,59 +403,80 @@ class Defense:
         """Restores state_dict() when a run resumes."""
 
 
-def train_step(model, optimizer, step, examples, refs, args, world, defense=None):
+class Objective(nn.Module):
+    """The step's loss for one micro-batch: its share of the task loss and, on the step's last micro-batch, alpha
+    times the sink penalty on the step's reference draw (and a defense's own term). A module, so that a
+    data-parallel wrapper (DDP, FSDP2) sees exactly one forward and one backward per micro-batch."""
+
+    def __init__(self, model, args, defense=None, world_size=1):
+        super().__init__()
+        self.model, self.args, self.defense, self.world_size = model, args, defense, world_size
+
+    def forward(self, batch, n_tokens, weight, references=None, step=0):
+        task = task_loss_sum(self.model, batch)
+        loss = weight * task / n_tokens
+        divergence = penalty = extra = None
+        if references is not None:
+            extra = self.defense.extra_loss(self.model, step) if self.defense is not None else None
+            if extra is not None:
+                loss = loss + extra / self.world_size
+            if self.args.alpha > 0:
+                with without_dropout(self.model):
+                    divergence = sink_divergence(self.model, *references, self.args.sink_pos,
+                                                 self.args.sink_impl == "eager")
+                penalty = sink_penalty(divergence)
+                # Every rank draws the same references (the penalty is not linear in the draw), so each adds a
+                # 1/world share and the summed gradient is alpha times the penalty's, as in one process.
+                loss = loss + self.args.alpha * penalty / self.world_size
+        # DDP and FSDP2 average the ranks' gradients; the step's gradient is their sum.
+        return self.world_size * loss, weight * task.detach(), divergence, penalty, extra
+
+
+def train_step(objective, optimizer, step, examples, refs, args, world, defense=None):
     """One optimizer step: task loss over the global batch plus alpha times the sink penalty."""
     rank, world_size = world
+    model = objective.module.model if hasattr(objective, "module") else objective.model  # DDP wraps the objective
     torch.manual_seed(step_seed(args, step, rank))
     optimizer.zero_grad(set_to_none=True)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" and
+                args.dtype == "fp32" else contextlib.nullcontext())
     indices = batch_indices(step, len(examples), args.batch_size, args.seed)
     n_tokens = sum(sum(label != -100 for label in examples[i][1][1:]) for i in indices)
+    shares = [micro for micro in (indices[rank::world_size][k::args.grad_accum] for k in range(args.grad_accum))
+              if micro]
+    # A rank whose share of a small last batch is empty still runs one forward and backward (weight 0): data
+    # parallelism needs every rank in every collective.
+    weights = [1.0] * len(shares) if shares else [0.0]
     micro_batches = [to_device(pad_batch([examples[i][0] for i in micro], args.pad_id,
                                          [examples[i][1] for i in micro]), model.device)
-                     for micro in (indices[rank::world_size][k::args.grad_accum] for k in range(args.grad_accum))
-                     if micro]
+                     for micro in (shares or [indices[:1]])]
     if defense is not None:
         def task_loss():
             with autocast:
                 return sum(task_loss_sum(model, batch) for batch in micro_batches) / n_tokens
         defense.before_step(model, step, task_loss)
-    task_sum = torch.zeros((), device=model.device)
-    for batch in micro_batches:
-        with autocast:
-            loss = task_loss_sum(model, batch)
-        (loss / n_tokens).backward()
-        task_sum += loss.detach()
-    extra = defense.extra_loss(model, step) if defense is not None else None
-    if extra is not None:
-        (extra / world_size).backward()
 
-    # The regulariser: one draw of reference sequences per step and rank, averaged over the ranks.
-    draw = torch.Generator().manual_seed(step_seed(args, step, rank))
+    draw = torch.Generator().manual_seed(step_seed(args, step, 0))  # the same draw on every rank
     harmful, harmless = (reference_batch(sequences, args.ref_batch, draw, args.pad_id, model.device)
                          for sequences in refs)
-    if args.alpha > 0:
-        with autocast, without_dropout(model):
-            divergence = sink_divergence(model, harmful, harmless, args.sink_pos, args.sink_impl == "eager")
-            penalty = sink_penalty(divergence)
-        (args.alpha * penalty / world_size).backward()
-    elif step % args.log_every == 0:  # plain SFT: measured for the log only, outside the graph
+    task_sum = torch.zeros((), device=model.device)
+    for k, (batch, weight) in enumerate(zip(micro_batches, weights)):
+        last = k == len(micro_batches) - 1
+        with gradient_sync(objective, last), autocast:
+            loss, task, divergence, penalty, extra = objective(batch, n_tokens, weight,
+                                                               (harmful, harmless) if last else None, step)
+        loss.backward()
+        task_sum += task.float()
+    if args.alpha == 0 and step % args.log_every == 0:  # plain SFT: measured for the log only, outside the graph
         with torch.no_grad(), autocast, without_dropout(model):
             divergence = sink_divergence(model, harmful, harmless, args.sink_pos)
             penalty = sink_penalty(divergence)
-    else:
-        divergence = penalty = None
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     zero = torch.zeros((), device=model.device)
     stats = torch.stack([task_sum, penalty.detach().float() if penalty is not None else zero,
                          (divergence > 0).sum().float() if divergence is not None else zero])
-    if world_size > 1:  # data parallel: the gradient of the global batch is the sum of the ranks' gradients
-        for p in trainable:
-            if p.grad is None:  # a rank whose share of a small last batch was empty
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+    if world_size > 1:  # for the log: the task loss summed over ranks (the penalty is the same on every rank)
         dist.all_reduce(stats)
         stats[1:] /= world_size
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip) if args.grad_clip > 0 else None
@@ -453,7 +491,7 @@ def train_step(model, optimizer, step, examples, refs, args, world, defense=None
     if divergence is not None:
         log.update(sink_loss=stats[1].item(), positive_heads=stats[2].item())
     if grad_norm is not None:
-        log["grad_norm"] = grad_norm.item()
+        log["grad_norm"] = full_value(grad_norm).item()
     return log
 
 
@@ -466,27 +504,112 @@ def adapter_state(model):
     return state
 
 
-def trainable_state(model):
-    """What training changes: the LoRA matrices, or every weight with --full (tied weights once)."""
-    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(path, model, optimizer, step, defense=None):
-    state = {"step": step, "trainable": trainable_state(model),
-             "optimizer": optimizer.state_dict(), "defense": defense.state_dict() if defense is not None else {}}
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+def save_checkpoint(path, model, optimizer, step, defense=None, main_rank=True):
+    """The trainable weights and the optimizer state, gathered in full on rank 0 (a collective under FSDP2)."""
+    weights, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = {name: w for name, w in weights.items() if name in trainable}  # a frozen tied copy slips in
+    if main_rank:
+        state = {"step": step, "trainable": weights, "optimizer": optimizer_state,
+                 "defense": defense.state_dict() if defense is not None else {}}
+        write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, model, optimizer, defense=None):
-    state = torch.load(path, map_location=model.device, weights_only=True)
-    if set(state.get("trainable", {})) != set(trainable_state(model)):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(state.get("trainable", {})) != expected:
         raise UserError(f"{path}: checkpoint does not match this model and its trainable weights "
                         f"(LoRA configuration or --full)")
-    model.load_state_dict(state["trainable"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["trainable"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
     if defense is not None:
         defense.load_state_dict(state.get("defense", {}))
     return state["step"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5b. Scale: bf16 weights, activation checkpointing, data parallel (DDP for LoRA, FSDP2 for --full)
+# ----------------------------------------------------------------------------------------------------------------
+# All of the machinery that lets the loop above run the paper's setting (an 8B model, every weight trained, several
+# GPUs) lives here; the method itself does not change.
+
+from torch.distributed.checkpoint.state_dict import (  # noqa: E402  (kept beside the code that uses it)
+    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sink_replay_contexts():
+    """context_fn of torch's checkpoint: a checkpointed layer runs its forward again during backward. The replay
+    must take the same path (with the sink channel if the first pass had it) and must record nothing: the first
+    pass's columns are the ones in the graph."""
+    position = SinkRecorder.position
+
+    @contextlib.contextmanager
+    def replay():
+        saved = SinkRecorder.position, SinkRecorder.columns
+        SinkRecorder.position, SinkRecorder.columns = position, []
+        try:
+            yield
+        finally:
+            SinkRecorder.position, SinkRecorder.columns = saved
+    return contextlib.nullcontext(), replay()
+
+
+def enable_activation_checkpointing(model):
+    """Keep only each decoder layer's input; recompute the rest during backward (non-reentrant, so gradients reach
+    the sink columns, which leave a layer outside its outputs)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={
+        "use_reentrant": False, "context_fn": sink_replay_contexts})
+
+
+def decoder_layers(model):
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise UserError("FSDP2 needs the decoder layers at model.base_model.layers (Llama, Qwen2, Mistral, ...)")
+    return layers
+
+
+def distribute(objective, args, world_size, device):
+    """The objective as the loop calls it: wrapped in DDP (LoRA: replicated weights, gradients all-reduced) or with
+    the model sharded by FSDP2 (--full: each decoder layer, then the root, so weights, gradients and optimizer
+    state are split over the ranks). One process: unchanged."""
+    if world_size == 1:
+        return objective
+    if args.full:
+        for layer in decoder_layers(objective.model):
+            fully_shard(layer)
+        fully_shard(objective.model)
+        return objective
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gradient_sync(objective, last):
+    """Gradients are reduced across ranks on the step's last micro-batch only."""
+    if isinstance(objective, DistributedDataParallel):
+        return objective.no_sync() if not last else contextlib.nullcontext()
+    if isinstance(objective.model, FSDPModule):
+        objective.model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def full_value(tensor):
+    """A plain tensor from a possibly sharded one (FSDP2 gives DTensors, e.g. the gradient norm)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def full_model_state(model):
+    """The whole model's weights on the CPU (gathered from the shards under FSDP2), each shared tensor once."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tied = getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None
+    if tied:
+        output = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        state.pop(f"{output}.weight", None)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -512,15 +635,10 @@ def write_json(path, obj):
 PROBES_METADATA_KEY = "sinkcheck.probes"
 
 
-def save_merged_model(out, model, tokenizer, probes):
+def save_merged_model(out, model, tokenizer, probes, state):
     """model.safetensors (+ config, tokenizer) that from_pretrained loads; the probes ride in the metadata."""
     from safetensors.torch import save_file
-    tensors, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().cpu().contiguous()
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
     metadata = {"format": "pt", PROBES_METADATA_KEY: json.dumps(probes)}
     write_atomically(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     staging = out / ".staging"
@@ -603,7 +721,9 @@ def train(args, defense=None):
     # Everything that can be wrong with the input is found before anything is written.
     records = read_records(args.data)
     harmful_records, harmless_records = read_records(args.harmful_ref), read_records(args.harmless_ref)
-    model, tokenizer = load_model(args.model, device)
+    model, tokenizer = load_model(args.model, device, DTYPES[args.dtype] if args.full else torch.float32)
+    if not args.full and args.dtype == "bf16":  # LoRA: frozen weights in bf16, adapters and optimizer in fp32
+        model.to(torch.bfloat16)
     args.pad_id = tokenizer.pad_token_id
     examples = [encode(tokenizer, r, args.max_len) for r in records]
     dropped = sum(1 for ids, labels in examples if all(label == -100 for label in labels[1:]))
@@ -631,20 +751,21 @@ def train(args, defense=None):
     checkpoint = out / "checkpoint.pt"
     if args.resume and not checkpoint.exists():
         raise UserError(f"--resume: no checkpoint at {checkpoint}")
-    if main_rank:
-        divergence_before = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos,
-                                             args.pad_id)
-        n_layers, n_heads = divergence_before.shape
+    divergence_before = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos, args.pad_id)
+    n_layers, n_heads = divergence_before.shape
 
     torch.manual_seed(args.seed)  # same LoRA initialisation on every rank
     if args.full:
         model.requires_grad_(True)
     else:
         add_lora(model, set(args.lora_targets), args.lora_rank, args.lora_alpha, args.lora_dropout)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    if args.grad_checkpointing:
+        enable_activation_checkpointing(model)
     if defense is not None:
         defense.setup(model, tokenizer, args)
+    objective = distribute(Objective(model, args, defense, world_size), args, world_size, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: the local shards
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     start = load_checkpoint(checkpoint, model, optimizer, defense) if args.resume else 0
     model.train()
 
@@ -666,7 +787,7 @@ def train(args, defense=None):
     try:
         for step in range(start, args.total_steps):
             t0 = time.perf_counter()
-            log = train_step(model, optimizer, step, examples, refs, args, (rank, world_size), defense)
+            log = train_step(objective, optimizer, step, examples, refs, args, (rank, world_size), defense)
             done = step + 1
             log["seconds"] = round(time.perf_counter() - t0, 4)
             if main_rank:
@@ -678,29 +799,32 @@ def train(args, defense=None):
                                                                       f"{n_layers * n_heads}")
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-                if args.save_every and done % args.save_every == 0 and done < args.total_steps:
-                    save_checkpoint(checkpoint, model, optimizer, done, defense)
+            if args.save_every and done % args.save_every == 0 and done < args.total_steps:
+                save_checkpoint(checkpoint, model, optimizer, done, defense, main_rank)
     except KeyboardInterrupt:
-        if main_rank:
-            bar.close()
+        bar.close()
+        if world_size == 1:  # several processes cannot meet for a gather at an arbitrary point
             save_checkpoint(checkpoint, model, optimizer, done, defense)
-            print(f"\ninterrupted: {done} of {args.total_steps} steps saved to {checkpoint}; "
-                  f"continue with --resume", file=sys.stderr)
+        if main_rank:
+            print(f"\ninterrupted: {done if world_size == 1 else 'the last periodic checkpoint'} of "
+                  f"{args.total_steps} steps saved to {checkpoint}; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     bar.close()
     adapter = adapter_state(model) if not args.full else {}
+    if not args.full:
+        merge_lora(model)
+    # On every rank: under FSDP2 the forward passes and the gather are collectives.
+    divergence_after = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos, args.pad_id)
+    state = full_model_state(model)
     if not main_rank:
         return adapter, None
     log_file.close()
 
-    if not args.full:
-        merge_lora(model)
-    divergence_after = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos, args.pad_id)
     report = {"sink_position": args.sink_pos, "divergence_before": divergence_before.tolist(),
               "divergence_after": divergence_after.tolist(),
               "positive_before": int((divergence_before > 0).sum()), "positive_after": int((divergence_after > 0).sum()),
               "reference_lengths": lengths}
-    save_merged_model(out, model, tokenizer, probes)
+    save_merged_model(out, model, tokenizer, probes, state)
     if not args.full:
         save_adapter(out, adapter, args)
     write_json(out / "sink_report.json", report)
@@ -760,7 +884,15 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=43, help="seed of data order, reference draws and LoRA init")
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=["auto", "cpu"], default="auto",
-                   help="auto: CUDA with bf16 autocast when available, else CPU in fp32")
+                   help="auto: CUDA when available (with bf16 autocast for fp32 weights), else CPU")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="weights of the model: with LoRA, bf16 holds the frozen weights while the adapters and "
+                        "their optimizer state stay fp32; with --full, bf16 is pure bf16 as the released code "
+                        "(weights, gradients and AdamW state in bf16, no fp32 master copy). Sink values, "
+                        "divergence and penalty are always summed in fp32")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="activation checkpointing of every decoder layer: less memory, one more forward per "
+                        "layer in backward (the sink hook replays without recording twice)")
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only on Ctrl-C)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
     g.add_argument("--log-every", type=int, default=10,
