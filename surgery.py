@@ -522,8 +522,12 @@ def load_checkpoint(path, model, optimizer, defense=None):
     if set(state.get("trainable", {})) != expected:
         raise UserError(f"{path}: checkpoint does not match this model and its trainable weights "
                         f"(LoRA configuration or --full)")
-    set_state_dict(model, optimizer, model_state_dict=state["trainable"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    if all(isinstance(k, int) for k in state["optimizer"].get("state", {})):  # a one-process checkpoint of before
+        model.load_state_dict(state["trainable"], strict=False)              # the state-dict API: still resumes
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["trainable"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
     if defense is not None:
         defense.load_state_dict(state.get("defense", {}))
     return state["step"]
