@@ -1,25 +1,31 @@
 #!/usr/bin/env python3
 """Does Surgery work? The field's harmful-fine-tuning protocol, end to end, every stage cached and resumable.
 
-    python eval.py                 # the default sweep (SmolLM2-135M-Instruct, offline data; about an hour on CPU)
+    python eval.py                 # the experiment (SmolLM2-135M-Instruct, offline data; about 10 CPU hours)
+    python eval.py --shard 0/2 & python eval.py --shard 1/2    # the same, split over two processes
     python eval.py --quick         # the same pipeline, tiny sizes: a smoke run of a few minutes
 
 The file follows the protocol in order:
-  1. Align     fine-tune the (instruction-tuned, not safety-aligned) model on harmful instruction -> refusal pairs
-               plus benign task pairs, so that the experiment starts from a model that refuses
-  2. Attack    from the aligned model, fine-tune on the task mix poisoned with a fraction p of harmful pairs, for
-               every p with plain SFT (alpha 0) and with Surgery (alpha > 0); same seed, data, steps and LoRA
-               settings; plus an alpha sweep at one p. The comparison defenses of METHOD.md section 3 (defenses/)
-               get the same runs: AsFT and SAP train in the same loop, SafetyLock (built once from the aligned
-               model) is applied to SFT's output at every p, with a sweep of its strength at one p
+  1. Align     fine-tune the (instruction-tuned, not safety-aligned) model on harmful instruction -> refusal pairs,
+               benign everyday requests with the model's own answers (generated first, so it stays an assistant),
+               and benign task pairs: the experiment starts from a helpful model that refuses harmful requests
+  2. Attack    choose the regime (steps, lr) on development prompts: the first candidate under which plain SFT at
+               the sweep ratio breaks the alignment. Then, from the aligned model, fine-tune on the task mix poisoned
+               with a fraction p of harmful pairs: SFT (alpha 0) and Surgery at every p for every seed; the comparison
+               defenses of METHOD.md section 3 (defenses/) at a few p with the first seed: AsFT and SAP train in the
+               same loop, SafetyLock (built once from the aligned model) is applied to SFT's output
   3. Evaluate  harmful score (HS): greedy answers to held-out harmful instructions, judged by a refusal-keyword
                judge and a learned judge (MiniLM sentence embeddings + logistic regression fitted on human
                labels), each judge's accuracy measured on held-out human labels; fine-tune accuracy (FA) on
-               held-out task sentences; sink heads: heads with positive sink divergence on fixed probes
-  4. Report    results/json/<run>.json, results/results.md (method x p table), plots
+               held-out task sentences; over-refusal on held-out benign requests; positive sink-divergence heads on
+               held-out probes and on the training references
+  4. Report    results/json/<run>.json (with every per-prompt verdict), results/results.md (mean over seeds with
+               95% bootstrap intervals over seeds and prompts; the paper's positive-heads trend tested), plots
 
 Every stage lives in WORK_DIR/<stage>-<hash of its config>/ and is finished when its stage.json exists; a
-finished stage is never recomputed, and an interrupted training stage continues from its checkpoint.
+finished stage is never recomputed, and an interrupted training stage continues from its checkpoint. A run whose
+JSON in RESULTS_DIR/json/ carries the current fingerprint is finished on any machine: a fresh clone continues the
+sweep where the committed results end.
 """
 import argparse
 import contextlib
