@@ -1,18 +1,30 @@
 #!/usr/bin/env python3
-"""Training-step cost of Surgery: (a) plain LoRA SFT, (b) Surgery with the fused sink column, (c) Surgery from
-eager attention maps as the released code does; with --variants, also (d) AsFT and (e) SAP in the same loop
-(defenses/). Same model, batch and sequence length. Prints each variant's ratio to (a) of median step time and of
-peak memory.
+"""Training-step cost of Surgery: (a) plain SFT, (b) Surgery with the fused sink column, (c) Surgery from eager
+attention maps as the released code does; with --variants, also (d) AsFT and (e) SAP in the same loop
+(defenses/). With --kinds, the same variants for several kinds of training: LoRA or full fine-tuning, fp32 or bf16
+weights, with or without activation checkpointing. Same model, batch and sequence length throughout. Prints each
+variant's ratio of median step time and of peak memory to plain SFT of the same kind.
 
     python bench/bench_train.py [--model M] [--batch-size 8] [--seq-len 256] [--rounds 6] [--variants abc]
+                                [--kinds lora,lora-bf16,full,full-bf16,full-bf16-ckpt]
 
-Step time: one process runs the three variants interleaved (a round is one step of each, in rotating order),
-so load from other processes falls on all three alike; the median over rounds is compared. Peak memory: each
-variant runs a few steps in a process of its own, so its peak is its own: the process's peak resident set on
-CPU (model, optimizer and activations together), torch.cuda.max_memory_allocated on a GPU.
+A kind is `lora` or `full`, then optionally `-bf16`, then optionally `-ckpt`, as surgery.py trains with the same
+flags: `lora` (LoRA adapters, fp32 weights: the default), `lora-bf16` (--dtype bf16: frozen weights in bf16,
+adapters and their AdamW state in fp32), `full` (--full: every weight trained in fp32), `full-bf16` (--full
+--dtype bf16: pure bf16 weights, gradients and AdamW state, as the released code), and `-ckpt`
+(--grad-checkpointing: each decoder layer's activations recomputed in backward). AsFT (d) and SAP (e) are LoRA
+methods here: LoRA kinds only.
+
+Step time: one process runs every (kind, variant) pair interleaved (a round is one step of each, in rotating
+order), so load from other processes falls on all of them alike; the median over rounds is compared. Peak memory:
+each pair runs a few steps in a process of its own, so its peak is its own: on CPU, the process's peak resident set
+over the training steps (model, optimizer state and activations together; the peak is reset through
+/proc/self/clear_refs after the model is set up, so loading transients do not count; where that file is missing,
+the peak since the process started), torch.cuda.max_memory_allocated on a GPU.
 """
 import argparse
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -28,8 +40,26 @@ import surgery  # noqa: E402
 from defenses.asft import AsFT  # noqa: E402
 from defenses.sap import SAP  # noqa: E402
 
-VARIANTS = {"a": "plain LoRA SFT", "b": "Surgery, fused sink column", "c": "Surgery, eager attention maps",
+VARIANTS = {"a": "plain SFT", "b": "Surgery, fused sink column", "c": "Surgery, eager attention maps",
             "d": "AsFT (lambda 1)", "e": "SAP (rho 2e-5)"}
+LORA_ONLY = "de"
+KIND_PATTERN = re.compile(r"^(lora|full)(-bf16)?(-ckpt)?$")
+
+
+def parse_kind(kind):
+    """surgery.py flags of a kind name: lora|full, then -bf16, then -ckpt."""
+    match = KIND_PATTERN.match(kind)
+    if match is None:
+        raise ValueError(kind)
+    return {"full": match[1] == "full", "dtype": "bf16" if match[2] else "fp32", "grad_checkpointing": bool(match[3])}
+
+
+def describe_kind(kind):
+    spec = parse_kind(kind)
+    what = ("full fine-tuning" if spec["full"] else "LoRA r8 q,k,v,o") + (
+        ", pure bf16" if spec["full"] and spec["dtype"] == "bf16" else
+        ", bf16 frozen weights" if spec["dtype"] == "bf16" else ", fp32")
+    return what + (", activation checkpointing" if spec["grad_checkpointing"] else "")
 
 
 class RandomDirectionAsFT(AsFT):
@@ -61,35 +91,56 @@ def long_records(records, tokenizer, seq_len):
     return out
 
 
-class Bench:
-    """The model with LoRA, the task examples and the references of every variant."""
+def bench_data(tokenizer, seq_len, batch_size):
+    """Task examples and references, every one exactly seq_len tokens long."""
+    import offline
+    data = offline.default_data()
+    task = long_records(surgery.read_records(data["train"]) * 20, tokenizer, seq_len)
+    harmful = long_records(surgery.read_records(data["harmful_ref"]), tokenizer, seq_len)
+    harmless = long_records(surgery.read_records(data["harmless_ref"]) * 5, tokenizer, seq_len)
+    # Only full-length sequences (the last joined record of a list can fall short).
+    examples = [e for e in (surgery.encode(tokenizer, r, seq_len) for r in task) if len(e[0]) == seq_len]
+    refs = tuple([ids for ids in (surgery.encode(tokenizer, r, seq_len)[0] for r in recs) if len(ids) == seq_len]
+                 for recs in (harmful, harmless))
+    assert len(examples) >= batch_size and all(refs), "not enough bench data at --seq-len"
+    return examples, refs
 
-    def __init__(self, args):
-        import offline
+
+class Bench:
+    """One kind: the model set up as surgery.py's train() sets it up for that kind, the task examples and the
+    references, and the defenses of the variants asked for."""
+
+    def __init__(self, args, kind, variants, data=None):
+        spec = parse_kind(kind)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, tokenizer = surgery.load_model(args.model, self.device)
-        data = offline.default_data()
-        task = long_records(surgery.read_records(data["train"]) * 20, tokenizer, args.seq_len)
-        harmful = long_records(surgery.read_records(data["harmful_ref"]), tokenizer, args.seq_len)
-        harmless = long_records(surgery.read_records(data["harmless_ref"]) * 5, tokenizer, args.seq_len)
-        # Only full-length sequences (the last joined record of a list can fall short).
-        self.examples = [e for e in (surgery.encode(tokenizer, r, args.seq_len) for r in task)
-                         if len(e[0]) == args.seq_len]
-        self.refs = tuple([ids for ids in (surgery.encode(tokenizer, r, args.seq_len)[0] for r in recs)
-                           if len(ids) == args.seq_len] for recs in (harmful, harmless))
-        assert len(self.examples) >= args.batch_size and all(self.refs), "not enough bench data at --seq-len"
         self.run = surgery.parse_args(["--batch-size", str(args.batch_size), "--max-len", str(args.seq_len),
-                                       "--log-every", str(10 ** 9)])
+                                       "--log-every", str(10 ** 9), "--dtype", spec["dtype"]] +
+                                      ["--full"] * spec["full"] + ["--grad-checkpointing"] * spec["grad_checkpointing"])
+        # As surgery.train: --full loads the weights in --dtype; LoRA loads fp32 and casts the frozen weights.
+        self.model, tokenizer = surgery.load_model(args.model, self.device,
+                                                   surgery.DTYPES[self.run.dtype] if self.run.full else torch.float32)
+        if not self.run.full and self.run.dtype == "bf16":
+            self.model.to(torch.bfloat16)
+        self.examples, self.refs = data or bench_data(tokenizer, args.seq_len, args.batch_size)
         self.run.pad_id, self.run.total_steps = tokenizer.pad_token_id, 10 ** 6
-        surgery.add_lora(self.model, set(self.run.lora_targets), self.run.lora_rank, self.run.lora_alpha,
-                         self.run.lora_dropout)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        torch.manual_seed(self.run.seed)
+        if self.run.full:
+            self.model.requires_grad_(True)
+        else:
+            surgery.add_lora(self.model, set(self.run.lora_targets), self.run.lora_rank, self.run.lora_alpha,
+                             self.run.lora_dropout)
+        if self.run.grad_checkpointing:
+            surgery.enable_activation_checkpointing(self.model)
         # SAP's probe hooks stay on the model for every variant; between SAP's steps the probe is zero.
-        self.defenses = {"d": RandomDirectionAsFT() if "d" in args.variants else None,
-                         "e": SAP() if "e" in args.variants else None}
+        self.defenses = {"d": RandomDirectionAsFT() if "d" in variants else None,
+                         "e": SAP() if "e" in variants else None}
         for defense in filter(None, self.defenses.values()):
             defense.setup(self.model, tokenizer, self.run)
+        # One Objective per variant (its defense term differs); they share the model and self.run.
+        self.objectives = {v: surgery.Objective(self.model, self.run, self.defenses.get(v)) for v in variants}
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
         self.model.train()
+        self.tokenizer = tokenizer
         self.step_index = 0
 
     def step(self, variant):
@@ -101,75 +152,119 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        surgery.train_step(self.model, self.optimizer, self.step_index, self.examples, self.refs, self.run, (0, 1),
-                           self.defenses.get(variant))
+        surgery.train_step(self.objectives[variant], self.optimizer, self.step_index, self.examples, self.refs,
+                           self.run, (0, 1), self.defenses.get(variant))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.step_index += 1
         return time.perf_counter() - start
 
 
-def peak_memory(variant, args):
-    """Run in a child process: a few steps of one variant, then its peak memory in bytes."""
-    bench = Bench(args)
+def reset_peak_rss():
+    """Start the process's peak resident set afresh from its current size (Linux); False where not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(kind, variant, args):
+    """Run in a child process: a few steps of one variant of one kind, then its peak memory in bytes."""
+    bench = Bench(args, kind, variant)
+    cuda = bench.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reset = not cuda and reset_peak_rss()
     for _ in range(2):
         bench.step(variant)
-    if bench.device.type == "cuda":
+    if cuda:
         return torch.cuda.max_memory_allocated()
+    if reset:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--batch-size", type=int, default=8, help="task sequences per step")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per task and reference sequence")
-    p.add_argument("--rounds", type=int, default=6, help="timed rounds (one step of each variant per round)")
-    p.add_argument("--variants", default="abc", help="which variants to run, (a) always: a SFT, b fused Surgery, "
-                                                     "c eager Surgery, d AsFT, e SAP")
-    p.add_argument("--memory-of", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # child process mode
+    p.add_argument("--batch-size", type=int, default=8, help="task sequences per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per task and reference sequence (default 256)")
+    p.add_argument("--rounds", type=int, default=6,
+                   help="timed rounds, one step of each (kind, variant) per round (default 6)")
+    p.add_argument("--variants", default="abc", help="which variants to run, (a) always: a plain SFT, b fused "
+                                                     "Surgery, c eager Surgery, d AsFT, e SAP (default abc)")
+    p.add_argument("--kinds", default="lora",
+                   help="comma-separated kinds of training, each measured with every variant and compared with "
+                        "its own plain SFT: lora, lora-bf16, full, full-bf16, each optionally with -ckpt "
+                        "(e.g. full-bf16-ckpt, the paper's setting); default lora")
+    p.add_argument("--memory-of", help=argparse.SUPPRESS)  # child process mode: KIND:VARIANT
     args = p.parse_args()
     if not set(args.variants) <= set(VARIANTS):
         p.error(f"--variants: letters among {''.join(VARIANTS)}")
     args.variants = "a" + "".join(v for v in VARIANTS if v in args.variants and v != "a")
+    kinds = [k for k in args.kinds.split(",") if k]
+    bad = [k for k in kinds if not KIND_PATTERN.match(k)]
+    if bad or not kinds or len(set(kinds)) != len(kinds):
+        p.error(f"--kinds: distinct names among lora, lora-bf16, full, full-bf16, each optionally with -ckpt "
+                f"(got {args.kinds!r})")
+    if set(args.variants) & set(LORA_ONLY) and any(parse_kind(k)["full"] for k in kinds):
+        p.error("--variants d and e (AsFT, SAP) are LoRA methods: use them with LoRA kinds only")
     if args.model is None:
         import offline
         args.model = str(offline.default_model_dir())
     if args.memory_of:
-        print(json.dumps({"peak_bytes": peak_memory(args.memory_of, args)}))
+        kind, variant = args.memory_of.split(":")
+        print(json.dumps({"peak_bytes": peak_memory(kind, variant, args)}))
         return
 
+    pairs = [(kind, variant) for kind in kinds for variant in args.variants]
     peaks = {}
-    for variant in args.variants:
-        cmd = [sys.executable, __file__, "--memory-of", variant, "--variants", variant, "--model", args.model,
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    for kind, variant in pairs:
+        cmd = [sys.executable, __file__, "--memory-of", f"{kind}:{variant}", "--kinds", kind, "--variants", variant,
+               "--model", args.model, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+        started = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-3000:]}")
-        peaks[variant] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+            sys.exit(f"bench: {kind} variant {variant} failed:\n{done.stderr[-3000:]}")
+        peaks[kind, variant] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+        print(f"peak memory {kind} ({variant}): {peaks[kind, variant] / 2**20:.0f} MiB "
+              f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
 
-    bench = Bench(args)
-    for variant in args.variants:  # warm-up: first calls pay for allocations and kernel selection
-        bench.step(variant)
-    times = {variant: [] for variant in args.variants}
-    order = list(args.variants)
+    benches, data = {}, None
+    for kind in kinds:
+        benches[kind] = Bench(args, kind, args.variants, data)
+        data = benches[kind].examples, benches[kind].refs  # the same tokens for every kind
+    for kind, variant in pairs:  # warm-up: first calls pay for allocations and kernel selection
+        benches[kind].step(variant)
+    times = {pair: [] for pair in pairs}
     for round_index in range(args.rounds):
-        shift = round_index % len(order)
-        for variant in order[shift:] + order[:shift]:
-            times[variant].append(bench.step(variant))
+        shift = round_index % len(pairs)
+        for kind, variant in pairs[shift:] + pairs[:shift]:
+            times[kind, variant].append(benches[kind].step(variant))
         print(f"round {round_index + 1}/{args.rounds}: " + "  ".join(
-            f"({v}) {times[v][-1]:.2f} s" for v in order), file=sys.stderr, flush=True)
-    median = {variant: statistics.median(t) for variant, t in times.items()}
+            f"{k}({v}) {times[k, v][-1]:.2f} s" for k, v in pairs), file=sys.stderr, flush=True)
+    median = {pair: statistics.median(t) for pair, t in times.items()}
 
-    print(f"{Path(args.model).name} on {bench.device}, batch {args.batch_size} x {args.seq_len} tokens, "
+    device = next(iter(benches.values())).device
+    print(f"{Path(args.model).name} on {device}, batch {args.batch_size} x {args.seq_len} tokens, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
-    for variant in order:
-        print(f"({variant}) {VARIANTS[variant]:33s} median step {median[variant]:7.3f} s   peak memory "
-              f"{peaks[variant] / 2**20:7.0f} MiB")
-    for variant in order[1:]:
-        print(f"({variant})/(a): step time {median[variant] / median['a']:.3f}   "
-              f"peak memory {peaks[variant] / peaks['a']:.3f}")
+    for kind in kinds:
+        if len(kinds) > 1 or kind != "lora":
+            print(f"kind {kind}: {describe_kind(kind)}")
+        for variant in args.variants:
+            print(f"({variant}) {VARIANTS[variant]:33s} median step {median[kind, variant]:7.3f} s   peak memory "
+                  f"{peaks[kind, variant] / 2**20:7.0f} MiB")
+        for variant in args.variants[1:]:
+            print(f"({variant})/(a): step time {median[kind, variant] / median[kind, 'a']:.3f}   "
+                  f"peak memory {peaks[kind, variant] / peaks[kind, 'a']:.3f}")
+    if len(kinds) > 1:
+        first = kinds[0]
+        print(f"plain SFT (a) of each kind vs plain SFT of {first}:")
+        for kind in kinds[1:]:
+            print(f"  {kind:16s} step time {median[kind, 'a'] / median[first, 'a']:.3f}   "
+                  f"peak memory {peaks[kind, 'a'] / peaks[first, 'a']:.3f}")
 
 
 if __name__ == "__main__":
