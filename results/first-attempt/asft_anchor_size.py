@@ -3,7 +3,7 @@
 layer, ||V_m||_F and ||C_m||_2 = sigma_1(V_m)^2 / ||V_m||_F, the most that (I - C_m) shrinks an update along V_m's
 top direction (a projector would remove it: 1).
 
-    python results/asft_anchor_size.py --aligned runs/eval/train-align-<hash> [--base DIR]
+    python results/first-attempt/asft_anchor_size.py --aligned runs/eval/train-align-<hash> [--base DIR]
 """
 import argparse
 import statistics
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from defenses.asft import read_weights  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # eval.py's LoRA targets
