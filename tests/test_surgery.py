@@ -1,4 +1,5 @@
 """surgery.py: hooked attention against the eager oracle, the regulariser, LoRA, data, outputs, resume, DDP."""
+import contextlib
 import json
 import math
 import os
@@ -527,20 +528,14 @@ def spawn_worker(rank, world_size, port, argv, result_dir, stop_at):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    if stop_at is not None:  # a stop (Ctrl-C on every process) when the step is reached
-        real = surgery.train_step
-
-        def stopping(objective, optimizer, step, *rest):
-            if step == stop_at:
-                raise KeyboardInterrupt
-            return real(objective, optimizer, step, *rest)
-        surgery.train_step = stopping
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        adapter, _ = surgery.train(surgery.parse_args(argv))
-        torch.save(adapter, f"{result_dir}/rank{rank}.pt")
-    except SystemExit:
-        pass
+    # stop_at: a Ctrl-C on every process when that step is reached
+    with ctrl_c_at_step(stop_at) if stop_at is not None else contextlib.nullcontext():
+        try:
+            adapter, _ = surgery.train(surgery.parse_args(argv))
+            torch.save(adapter, f"{result_dir}/rank{rank}.pt")
+        except SystemExit:
+            pass
     dist.destroy_process_group()
 
 
