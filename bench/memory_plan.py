@@ -202,14 +202,16 @@ def plan_rows(s, mode, gpus, args):
 
 
 def load_config(path):
-    config = json.loads(Path(path).read_text())
+    """A config.json, or the one in a model folder (a multimodal config's text_config if it has one)."""
+    path = Path(path)
+    config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
     return config.get("text_config", config)
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a model's config.json (Llama, Mistral, Qwen2); default: Llama-3-8B's numbers")
+    p.add_argument("--config", help="a model's config.json or model folder (Llama, Mistral, Qwen2); default: Llama-3-8B's numbers")
     p.add_argument("--mode", default=",".join(MODES),
                    help=f"comma-separated modes among {', '.join(MODES)} (default: all)")
     p.add_argument("--gpus", default="1,2,4,8", help="comma-separated GPU counts (default 1,2,4,8)")
@@ -260,8 +262,8 @@ def main(argv=None):
     counts = parameter_counts(s)
     name = args.config or "Llama-3-8B"
     print(f"{name}: {counts['total']:,} parameters ({counts['layers']:,} in {s.layers} decoder layers, "
-          f"{counts['root']:,} in embedding, final norm and LM head{', tied' if s.tied else ''}); "
-          f"task {args.seq_len} tokens, batch {args.batch_size}, grad-accum {args.grad_accum}; "
+          f"{counts['root']:,} in embedding, final norm and LM head{', tied' if s.tied else ''})")
+    print(f"task {args.seq_len} tokens, batch {args.batch_size}, grad-accum {args.grad_accum}; "
           + (f"references 2 x {args.ref_batch} x {args.ref_len} tokens per step" if args.ref_batch else
              "no references (plain SFT)"))
     head = (f"{'GPUs':>4} {'micro':>5} {'weights':>8} {'grads':>8} {'AdamW':>8} {'buffers':>8} {'act':>8} "

@@ -194,6 +194,6 @@ def test_checkpointing_and_more_gpus_lower_the_8b_plan_and_the_command_line_prin
 def test_config_file(tmp_path, capsys):
     config = tiny_config("qwen2")
     config.save_pretrained(tmp_path)
-    mp.main(["--config", str(tmp_path / "config.json"), "--mode", "lora-bf16"])
+    mp.main(["--config", str(tmp_path), "--mode", "lora-bf16"])
     real = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     assert f"{real:,} parameters" in capsys.readouterr().out
