@@ -32,10 +32,13 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import json
+import math
 import random
 import re
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -203,6 +206,16 @@ def resolve_inputs(args):
         read_records(files[name])  # every input problem is reported
     for path in train.values():                                               # before any training starts
         read_records(path)
+    sizes = {"eval_harmful": ("--n-harmful", args.n_harmful), "eval_harmful_dev": ("--n-dev", args.n_dev),
+             "eval_benign": ("--n-benign", args.n_benign), "eval_task": ("--n-task", args.n_task)}
+    for key, (size_flag, n) in sizes.items():  # and every file read before anything is written
+        available = len(read_records(pick(key, key)))
+        if n > available:
+            raise UserError(f"{pick(key, key)}: asked for {n} evaluation records ({size_flag}), the file has "
+                            f"{available}")
+    read_judge_records(files["judge_train"]), read_judge_records(files["judge_test"])
+    if args.triples:
+        load_triples(args.triples)
     subsets = Path(args.work_dir) / "eval-sets"
     files["eval_harmful"] = eval_subset(pick("eval_harmful", "eval_harmful"), args.n_harmful, args.seed, subsets,
                                         "eval_harmful", shuffle=True)
@@ -299,6 +312,10 @@ def train_stage(args, files, name, model, data, alpha, steps, lr, defense=None, 
         resume = ["--resume"] if (folder / "checkpoint.pt").exists() else []
         if resume:
             print(f"resuming {name} from {folder / 'checkpoint.pt'}", flush=True)
+        else:  # what an attempt stopped before its first checkpoint left: this stage's own, started over
+            for leftover in surgery.RUN_FILES:
+                shutil.rmtree(folder / leftover) if (folder / leftover).is_dir() else \
+                    (folder / leftover).unlink(missing_ok=True)
         surgery.main(argv + ["--out", str(folder), *resume], defense=defense[0] if defense else None)
         report = json.loads((folder / "sink_report.json").read_text())
         return {"model": str(folder), "sink_report": report}
@@ -1096,6 +1113,10 @@ def choose_regime(args, files, aligned, fingerprint, results):
 
 
 def run(args, command):
+    try:  # the model first: a typo in its name costs seconds, and nothing is written
+        surgery.check_model(args.model or offline.default_model_dir(args.cache_dir))
+    except offline.OfflineDataError as e:
+        raise UserError(str(e)) from None
     files = resolve_inputs(args)
     check_splits(files)
     args.model_path = files["model"]
@@ -1196,14 +1217,16 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = surgery.ArgumentParser(
         prog="eval.py", formatter_class=HelpFormatter,
         description="Align a chat model, attack it with poisoned fine-tuning (plain SFT, Surgery and the "
                     "comparison defenses AsFT, SafetyLock and SAP), and measure harmful score, fine-tune accuracy "
                     "and positive sink-divergence heads. Every stage is cached "
                     "under --work-dir; rerunning the same command skips finished stages and resumes training.",
         epilog="Outputs: RESULTS_DIR/results.md (table), json/<run>.json, judges.json and PNG plots, refreshed "
-               "after every evaluated run.")
+               "after every evaluated run. Exit status: 0 done; 2 bad input (one line on stderr, checked before any "
+               "stage runs); 3 a training stage diverged (surgery.py's exit 3: its checkpoint is kept, the stage is "
+               "not finished); 130 interrupted (rerun the same command to continue).")
     g = p.add_argument_group("preset and folders")
     g.add_argument("--quick", action="store_true", help="small sweep for smoke runs (minutes on 2 CPU cores)")
     g.add_argument("--work-dir", default="runs/eval", help="cache of every stage (models, generations, verdicts)")
@@ -1301,6 +1324,11 @@ def validate(args):
                  "n_train", "bootstrap"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("alpha", "alpha_sweep", "asft_lambda", "sap_rho", "safetylock_alpha", "safetylock_alpha_sweep",
+                 "lr", "align_lr", "poison_ratios", "defense_ratios", "sweep_ratio"):
+        values = getattr(args, flag)
+        if any(not math.isfinite(v) for v in (values if isinstance(values, list) else [values]) if v is not None):
+            raise UserError(f"--{flag.replace('_', '-')} must be a finite number, got {values}")
     if (args.attack_steps is None) != (args.lr is None):
         raise UserError("--attack-steps and --lr go together (or neither: the regime is chosen from "
                         "--attack-candidates)")
@@ -1309,7 +1337,7 @@ def validate(args):
     for spec in args.attack_candidates if args.attack_steps is None else []:
         steps, _, lr = spec.partition(":")
         try:
-            if int(steps) < 1 or float(lr) <= 0:
+            if int(steps) < 1 or not 0 < float(lr) < math.inf:
                 raise ValueError
         except ValueError:
             raise UserError(f"--attack-candidates: {spec!r} is not STEPS:LR with STEPS >= 1 and LR > 0") from None
@@ -1326,6 +1354,43 @@ def validate(args):
         raise UserError("--lr and --align-lr must be positive, --save-every non-negative")
     if args.data and "{p}" not in args.data:
         raise UserError("--data must contain {p}, the poison ratio, e.g. train_p{p}.jsonl")
+    for spec in args.judges:
+        if spec not in ("keyword", "embedding") and not (spec.startswith("guard:") and len(spec) > len("guard:")):
+            raise UserError(f"--judges: unknown judge {spec!r} (keyword, embedding or guard:MODEL)")
+    if not 0 <= args.seed < 2**63 or not 0 <= args.data_seed < 2**63 or any(not 0 <= s < 2**63 for s in args.seeds):
+        raise UserError("--seed, --seeds and --data-seed must be between 0 and 2^63 - 1")
+    check_train_args(args)
+    for flag in ("work_dir", "results_dir", "cache_dir"):
+        if getattr(args, flag):
+            surgery.check_writable_folder(f"--{flag.replace('_', '-')}", getattr(args, flag))
+
+
+# surgery.py flags that eval.py sets itself for every stage: --train-args must leave them alone.
+STAGE_FLAGS = ("--model", "--data", "--harmful-ref", "--harmless-ref", "--alpha", "--max-steps", "--batch-size",
+               "--lr", "--max-len", "--lora-rank", "--probe-count", "--seed", "--save-every", "--device", "--out",
+               "--resume")
+
+
+def check_train_args(args):
+    """--train-args: surgery.py flags that parse, pass surgery.py's own checks, and set nothing eval.py sets."""
+    try:
+        extra = shlex.split(args.train_args)
+    except ValueError as e:
+        raise UserError(f"--train-args: {e}") from None
+    taken = [a for a in extra if a.split("=")[0] in STAGE_FLAGS]
+    if taken:
+        raise UserError(f"--train-args: {taken[0].split('=')[0]} is set by eval.py itself (use eval.py's own flag)")
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            trained = surgery.parse_args(["--max-steps", "1", "--max-len", str(args.max_len), *extra])
+    except SystemExit:
+        message = (errors.getvalue().strip().splitlines() or ["not surgery.py flags"])[-1]
+        raise UserError(f"--train-args: {message.removeprefix('surgery.py: error: ')}") from None
+    try:
+        surgery.check_flags(trained)
+    except UserError as e:
+        raise UserError(f"--train-args: {e}") from None
 
 
 def main(argv=None):

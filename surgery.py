@@ -83,12 +83,31 @@ def read_json_rows(path):
     if not text.strip():
         raise UserError(f"{path}: file is empty")
     try:
-        return json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if number == 1 and text.lstrip().startswith("{") and isinstance(whole_json(text), dict):
+                    raise UserError(f"{path}: one JSON object; expected a JSON list of records, or JSONL (one "
+                                    f"record per line)") from None
+                raise UserError(f"{path}: not JSON or JSONL ({e.msg} at line {number})") from None
+        return rows
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not JSON or JSONL ({e.msg} at line {e.lineno})") from None
     except RecursionError:
         raise UserError(f"{path}: JSON nested too deeply") from None
+
+
+def whole_json(text):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
 
 
 def read_records(path):
@@ -366,12 +385,25 @@ def to_device(batch, device):
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def load_model(name_or_path, device, dtype=torch.float32):
-    """Model and tokenizer from a local folder or a hub id, with the sink-recording attention. What cannot work is
-    found from the config and the tokenizer, before the weights are read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+@contextlib.contextmanager
+def quiet_loading():
+    """No progress bar per file read: on a terminal it is noise, and it would come before an error line."""
     from transformers.utils import logging as transformers_logging
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def check_model(name_or_path):
+    """The tokenizer of a local model folder or hub id, after checking from its config and tokenizer (before any
+    weight is read) what surgery.py needs: a causal LM whose attention goes through the attention interface, and a
+    chat template. Every problem is a UserError naming the model."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     name = str(name_or_path)
     local = Path(name).expanduser()
     if local.exists() and not local.is_dir():
@@ -382,14 +414,11 @@ def load_model(name_or_path, device, dtype=torch.float32):
                         f"model folder")
     if not local.exists() and not HUB_ID.fullmatch(name):
         raise UserError(f"cannot load model {name}: no such model folder")
-    where = name if local.exists() else f"{name} (not a local folder; tried as a hub id: check its spelling, and "\
-                                          f"that the hub is reachable or the model is in the local cache)"
-    transformers_logging.disable_progress_bar()  # a progress bar per file read is noise on the terminal
-    try:
+    with quiet_loading():
         try:
             config = AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load model {where}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load model {model_where(name)}: {first_line(e)}") from None
         architecture = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
         if architecture is None:
             raise UserError(f"--model {name}: a {config.model_type!r} model is not a causal language model that "
@@ -401,20 +430,38 @@ def load_model(name_or_path, device, dtype=torch.float32):
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError, TypeError) as e:
-            raise UserError(f"cannot load the tokenizer of {where}: {str(e).splitlines()[0]}") from None
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise UserError(f"--model {name}: its tokenizer has no chat template, so records cannot be formatted as "
-                            f"conversations; use an instruction-tuned model or add a chat template to its tokenizer")
+            raise UserError(f"cannot load the tokenizer of {model_where(name)}: {first_line(e)}") from None
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError(f"--model {name}: its tokenizer has no chat template, so records cannot be formatted as "
+                        f"conversations; use an instruction-tuned model or add a chat template to its tokenizer")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise UserError(f"--model {name}: its tokenizer has neither a padding nor an end-of-sequence token")
+    return tokenizer
+
+
+def model_where(name):
+    return name if Path(name).expanduser().exists() else (
+        f"{name} (not a local folder; tried as a hub id: check its spelling, and that the hub is reachable or the "
+        f"model is in the local cache)")
+
+
+def first_line(error):
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def load_model(name_or_path, device, dtype=torch.float32):
+    """Model and tokenizer from a local folder or a hub id, with the sink-recording attention. What cannot work is
+    found from the config and the tokenizer (check_model), before the weights are read."""
+    from transformers import AutoModelForCausalLM
+    name = str(name_or_path)
+    tokenizer = check_model(name)
+    with quiet_loading():
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=SINK_ATTENTION)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"cannot load model {where}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
-    finally:
-        transformers_logging.enable_progress_bar()
+            raise UserError(f"cannot load model {model_where(name)}: {first_line(e)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.pad_token_id is None:
-        raise UserError(f"--model {name}: its tokenizer has neither a padding nor an end-of-sequence token")
     return model.to(device), tokenizer
 
 
@@ -717,11 +764,15 @@ def write_atomically(path, write):
     """Write through a temporary name and rename, so a reader never sees a half-written file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # some writers create private files; outputs get the usual permissions
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers create private files; outputs get the usual permissions
+        os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted write leaves nothing behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path, obj):
@@ -808,6 +859,12 @@ def resolve_defaults(args):
 
 
 def validate(args):
+    """Everything about the command line that can be checked before a file is read."""
+    check_flags(args)
+    check_output_folder(args)
+
+
+def check_flags(args):
     """The flags alone: types are argparse's, ranges and combinations are checked here."""
     for flag in ("batch_size", "grad_accum", "ref_batch", "lora_rank", "probe_count", "max_len", "log_every"):
         if getattr(args, flag) < 1:
@@ -833,7 +890,6 @@ def validate(args):
                         f"{args.max_len}: the sink position must be below --max-len - 1")
     if not args.full and not args.lora_targets:
         raise UserError("--lora-targets is empty: name the linear layers to adapt, e.g. q_proj,v_proj")
-    check_output_folder(args)
 
 
 def check_sequences(model, args, examples, refs):
@@ -856,19 +912,25 @@ def check_sequences(model, args, examples, refs):
 RUN_FILES = ("checkpoint.pt", "train_log.jsonl", "model.safetensors", "adapter", "sink_report.json")
 
 
+def check_writable_folder(flag, folder):
+    """A folder that exists, or can be made, and can be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder}: is a file, expected a folder")
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: {existing} is not writable")
+
+
 def check_output_folder(args):
     """--out must be a folder this run can write, and not one that holds another run (unless --resume continues
     it). Checked before anything is loaded, so a mistake costs nothing and nothing is written."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, expected a folder")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, so the folder cannot be made")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {existing} is not writable")
+    check_writable_folder("--out", out)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if args.resume:
         if not (out / "checkpoint.pt").is_file():

@@ -80,7 +80,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def loop_parser(prog, description, epilog=""):
-    return argparse.ArgumentParser(
+    return surgery.ArgumentParser(
         prog=prog, usage=f"{prog} [options] -- [surgery.py options]", description=description,
         formatter_class=HelpFormatter,
         epilog=(epilog + " " if epilog else "") + "Everything after `--` goes to surgery.py (see `python surgery.py "

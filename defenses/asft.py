@@ -24,6 +24,7 @@ In this project's pipeline BASE is the default model before alignment and ALIGNE
 which is also the model being fine-tuned (surgery.py's --model, the default for --aligned).
 """
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -74,11 +75,16 @@ class AsFT(surgery.Defense):
     base_dir: folder of the model before alignment; lam: the penalty weight lambda."""
 
     def __init__(self, aligned_dir, base_dir, lam=1.0):
-        if lam < 0:
-            raise UserError("AsFT: lambda must be >= 0")
+        if not 0 <= lam < math.inf:
+            raise UserError(f"AsFT: lambda must be finite and >= 0, got {lam}")
         for folder in (aligned_dir, base_dir):
+            if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+                raise UserError(f"{folder}: is a file, expected a model folder")
             if folder is not None and not Path(folder).is_dir():
                 raise UserError(f"{folder}: no such model folder")
+            if folder is not None and not any((Path(folder) / name).is_file() for name in
+                                              ("model.safetensors", "model.safetensors.index.json")):
+                raise UserError(f"{folder}: no model.safetensors (or model.safetensors.index.json) in this folder")
         self.aligned_dir, self.base_dir, self.lam = aligned_dir, base_dir, lam
 
     def setup(self, model, tokenizer, args):

@@ -30,6 +30,7 @@ SmolLM2-135M's 270 heads (30 layers x 9) give K = 6. alpha defaults to 6 as in t
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -186,8 +187,9 @@ def build(model_dir, triples=None, heads=None, alpha=DEFAULT_ALPHA, positions=PO
     triples = load_triples() if triples is None else triples
     if len(triples) < 2:
         raise UserError("SafetyLock: at least 2 triples are needed (one to fit, one to score the probes)")
-    if not 0 < holdout < 1 or positions < 1 or alpha < 0:
-        raise UserError("SafetyLock: the held-out share must be in (0, 1), positions >= 1 and alpha >= 0")
+    if not 0 < holdout < 1 or positions < 1 or not 0 <= alpha < math.inf or max_len < 1:
+        raise UserError("SafetyLock: the held-out share must be in (0, 1), positions and max-len >= 1 and alpha "
+                        "finite and >= 0")
     model, tokenizer = surgery.load_model(str(model_dir), torch.device(device))
     model.eval()
     shape = fingerprint(model.config)
@@ -272,6 +274,8 @@ def apply(model_or_folder, lock, out=None, alpha=None):
     dict of build(). alpha: None uses the lock's."""
     lock = load_lock(lock) if isinstance(lock, (str, os.PathLike)) else lock
     alpha = lock["meta"]["alpha"] if alpha is None else alpha
+    if not isinstance(alpha, (int, float)) or not 0 <= alpha < math.inf:
+        raise UserError(f"SafetyLock: the strength alpha must be finite and >= 0, got {alpha}")
     if isinstance(model_or_folder, nn.Module):
         return apply_to_model(model_or_folder, lock, alpha)
     if out is None:
@@ -313,6 +317,11 @@ def apply_to_folder(folder, lock, out, alpha):
     from transformers import AutoConfig, AutoModelForCausalLM
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}: not a model folder (no config.json)")
+    if out.resolve() == folder.resolve():
+        raise UserError(f"--out {out} is the model folder itself: the locked model goes to another folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, expected a folder (replaced whole if it exists)")
+    surgery.check_writable_folder("--out", out.parent)
     config = AutoConfig.from_pretrained(folder)
     check_fits(lock, config, str(folder))
     tensors, metadata = read_checkpoint(folder)
@@ -376,8 +385,25 @@ def replace_folder(new, target):
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
+def check_lock_target(path):
+    """--out of build: a file name in a folder that exists or can be made."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a folder, expected the name of the lock file to write")
+    surgery.check_writable_folder("--out", path.parent)
+
+
+def check_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = surgery.ArgumentParser(
         prog="python -m defenses.safetylock", formatter_class=HelpFormatter,
         description="SafetyLock: build a lock (per-head safety directions) from an aligned model, or apply one "
                     "to a fine-tuned model of the same family (METHOD.md section 3).")
@@ -405,6 +431,12 @@ def main(argv=None):
     try:
         start = time.perf_counter()
         if args.command == "build":
+            if args.heads is not None and args.heads < 1:
+                raise UserError(f"--heads must be at least 1, got {args.heads}")
+            if args.seed < 0:
+                raise UserError(f"--seed must be >= 0, got {args.seed}")
+            check_device(args.device)
+            check_lock_target(args.out)
             triples = load_triples(args.triples)
             lock = build(args.model, triples, args.heads, args.alpha, args.positions, args.holdout, args.seed,
                          args.max_len, args.device)

@@ -32,6 +32,7 @@ model (SmolLM2's 30 layers: 3 and 8). Cost per step: one forward/backward of the
 triple) and two of the task batch, on top of the loop's own.
 """
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -160,7 +161,7 @@ class SAP(surgery.Defense):
     layers whose MLP output gets the probe (None: the released depths); safety_batch: triples per step."""
 
     def __init__(self, triples=None, rho=2e-5, probe_lr=0.05, layers=None, safety_batch=4):
-        if rho <= 0 or probe_lr <= 0 or safety_batch < 1:
+        if not 0 < rho < math.inf or not 0 < probe_lr < math.inf or safety_batch < 1:
             raise UserError("SAP: rho and the probe learning rate must be > 0 and the safety batch at least 1")
         self.triples = load_triples() if triples is None else triples
         self.rho, self.probe_lr, self.layers, self.safety_batch = rho, probe_lr, layers, safety_batch
