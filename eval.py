@@ -67,12 +67,13 @@ PRESETS = {
                     alpha=300.0, alpha_sweep=[], sweep_ratio=0.1, safetylock_alpha_sweep=[], asft_ablation=False,
                     attack_candidates=["25:5e-4", "25:1e-3", "50:1e-3"], align_steps=160, max_len=128,
                     probe_count=64, n_harmful=300, n_dev=100, n_task=500, n_benign=160, max_new_tokens=128,
-                    benign_tokens=64, answer_tokens=128, task_tokens=6, gen_batch=50, results_dir="results"),
+                    benign_tokens=64, answer_tokens=128, task_tokens=6, gen_batch=50, n_align_benign=None,
+                    results_dir="results"),
     "quick": dict(poison_ratios=[0.0, 0.2], seeds=[43], defense_ratios=[0.2], alpha=300.0, alpha_sweep=[],
                   sweep_ratio=0.2, safetylock_alpha_sweep=[], asft_ablation=False, attack_candidates=["4:1e-3"],
                   align_steps=8, max_len=96, probe_count=8, n_harmful=16, n_dev=8, n_task=32, n_benign=16,
                   max_new_tokens=32, benign_tokens=24, answer_tokens=32, task_tokens=6, gen_batch=16,
-                  results_dir="results/quick"),
+                  n_align_benign=32, results_dir="results/quick"),
 }
 # A regime "breaks the alignment" when plain SFT at --sweep-ratio reaches this keyword HS on the development
 # prompts, and this many points above the aligned model's: fixed before any candidate was run.
@@ -740,6 +741,8 @@ def benign_answers_stage(args, files):
     records = read_records(files["align_benign"])
     config = {"stage": "benign-answers", "model": str(files["model"]), "requests": file_digest(files["align_benign"]),
               "answer_tokens": args.answer_tokens, "align": file_digest(files["align"])}
+    if args.n_align_benign is not None and args.n_align_benign < len(records):  # the key only when it cuts
+        records, config["n"] = records[:args.n_align_benign], args.n_align_benign
 
     def compute(folder):
         model, tokenizer = surgery.load_model(str(files["model"]), device_for(args))
@@ -1058,6 +1061,8 @@ def protocol_fingerprint(args, files):
     """A digest of every flag and input file a result depends on: a committed run JSON with the same fingerprint
     (and regime) is a finished run, on any machine (the stage cache under --work-dir is not committed)."""
     flags = {k: getattr(args, k) for k in RESULT_FLAGS}
+    if args.n_align_benign is not None:  # only when set, so that the fingerprints of earlier results stay valid
+        flags["n_align_benign"] = args.n_align_benign
     inputs = {k: (file_digest(v) if k != "train" else {f"{p:g}": file_digest(q) for p, q in v.items()})
               for k, v in files.items() if k != "model"}
     inputs["model"] = str(files["model"])
@@ -1307,6 +1312,7 @@ def parse_args(argv=None):
     g.add_argument("--n-benign", type=int, help="held-out benign requests per model (over-refusal)")
     g.add_argument("--benign-tokens", type=int, help="greedy tokens per answer to a benign request")
     g.add_argument("--answer-tokens", type=int, help="greedy tokens of the base model's answers for alignment")
+    g.add_argument("--n-align-benign", type=int, help="benign requests answered for alignment (default preset: all)")
     g.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws per interval")
     g.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer to a harmful prompt")
     g.add_argument("--task-tokens", type=int, help="greedy tokens per task answer")
@@ -1324,6 +1330,8 @@ def validate(args):
                  "n_train", "bootstrap"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.n_align_benign is not None and args.n_align_benign < 1:
+        raise UserError("--n-align-benign must be at least 1")
     for flag in ("alpha", "alpha_sweep", "asft_lambda", "sap_rho", "safetylock_alpha", "safetylock_alpha_sweep",
                  "lr", "align_lr", "poison_ratios", "defense_ratios", "sweep_ratio"):
         values = getattr(args, flag)
