@@ -1410,6 +1410,9 @@ def main(argv=None):
     except UserError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:  # a training stage keeps its checkpoint, finished stages their stage.json
+        print("\neval.py: interrupted; run the same command to continue", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -998,15 +998,6 @@ def train(args, defense=None):
                  for recs in (harmful_records, harmless_records))
     check_sequences(model, args, examples, refs)
     lengths = reference_lengths(*refs)
-    if main_rank:
-        h, r = lengths["harmful"], lengths["harmless"]
-        print(f"reference lengths in tokens (median / upper quartile): harmful {h['median']:g} / "
-              f"{h['upper_quartile']:g}, harmless {r['median']:g} / {r['upper_quartile']:g}", flush=True)
-        if not lengths["matched"]:
-            print(f"surgery.py: warning: the reference sets differ in length by up to "
-                  f"{max(lengths['ratio'].values()):.2f}x (over {LENGTH_RATIO_WARNING}); sink values fall with "
-                  f"length, so d_h will measure length more than harm: match the sets in length", file=sys.stderr,
-                  flush=True)
     probes = {"sink_position": args.sink_pos,
               "harmful": refs[0][:args.probe_count], "harmless": refs[1][:args.probe_count]}
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
@@ -1035,7 +1026,15 @@ def train(args, defense=None):
     start = load_checkpoint(checkpoint, model, optimizer, defense) if args.resume else 0
     model.train()
 
-    if main_rank:
+    if main_rank:  # after every check, so that a mistake's line is the only one on stderr
+        h, r = lengths["harmful"], lengths["harmless"]
+        print(f"reference lengths in tokens (median / upper quartile): harmful {h['median']:g} / "
+              f"{h['upper_quartile']:g}, harmless {r['median']:g} / {r['upper_quartile']:g}", flush=True)
+        if not lengths["matched"]:
+            print(f"surgery.py: warning: the reference sets differ in length by up to "
+                  f"{max(lengths['ratio'].values()):.2f}x (over {LENGTH_RATIO_WARNING}); sink values fall with "
+                  f"length, so d_h will measure length more than harm: match the sets in length", file=sys.stderr,
+                  flush=True)
         kept = [line for line in read_log(out / "train_log.jsonl") if json.loads(line)["step"] <= start] \
             if args.resume else []
         try:
@@ -1202,6 +1201,9 @@ def main(argv=None, defense=None):
     except NonFiniteError as e:
         print(f"surgery.py: stopped: training diverged: {e}; try a lower --lr", file=sys.stderr)
         raise SystemExit(3)
+    except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint): loading, or the final writes
+        print("\nsurgery.py: interrupted", file=sys.stderr)
+        raise SystemExit(130)
     finally:
         if distributed:
             dist.destroy_process_group()

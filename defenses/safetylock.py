@@ -452,6 +452,9 @@ def main(argv=None):
     except UserError as e:
         print(f"defenses.safetylock: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:  # the lock file and the locked folder are written whole or not at all
+        print("\ndefenses.safetylock: interrupted", file=sys.stderr)
+        raise SystemExit(130)
     return 0
 
 

@@ -43,7 +43,11 @@ def env(tmp_path_factory):
                                                                 "output": "I can't help with that."}
                                                                for i in range(4)]),
              # 23 tokens each in the byte-level tiny tokenizer's chat format: too short for --sink-pos 30
-             "short_refs": write_jsonl(root / "short_refs.jsonl", [{"instruction": "a", "output": "b"}] * 2)}
+             "short_refs": write_jsonl(root / "short_refs.jsonl", [{"instruction": "a", "output": "b"}] * 2),
+             # answers 8 times as long as the refusals: a length warning, which must not come before an error
+             "long_refs": write_jsonl(root / "long_refs.jsonl", [{"instruction": f"Explain harmful thing {i}.",
+                                                                  "output": f"Sure. Step one of thing {i}." * 8}
+                                                                 for i in range(4)])}
     files.update(bad_record_files(root))
     files.update(bad_models(root, model))
     # Output folders in each state a mistake can find them in.
@@ -152,6 +156,9 @@ FILE_ROWS = {
     "references too short for the sink position": (["--harmful-ref", "{short_refs}", "--sink-pos", "30"],
                                                    "short_refs.jsonl: harmful reference record 1 has 23 tokens "
                                                    "(within --max-len 64), none after --sink-pos 30"),
+    "references of unmatched lengths and a mistake after them": (["--harmful-ref", "{long_refs}", "--max-len", "256",
+                                                                   "--lora-targets", "nope"],
+                                                                  "no linear layer named any of ['nope']"),
     "token ids outside the model's vocabulary": (["--model", "{small_vocab}"],
                                                  "outside the model's 200 embeddings: the tokenizer and weights do "
                                                  "not match"),
