@@ -5,6 +5,7 @@ runs `python eval.py ...`: exit status 2, exactly one line on stderr naming the 
 folder and no stage started (at most the work folder's cache of evaluation subsets, whole files). A new input gets
 its row here. Rows run in children of input_helpers' fork server (torch imported once)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -220,3 +221,16 @@ def test_help_states_the_exit_codes():
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
     assert "2 bad input" in text and "3 a training stage diverged" in text
+
+
+def test_a_stage_killed_before_its_stage_json_runs_again(env, tmp_path):
+    """surgery.py refuses an --out that holds a run; eval.py's stage folders are its own, so a training stage killed
+    after surgery.py's outputs (or before its first checkpoint) starts over instead of failing on its leftovers."""
+    args = protocol.parse_args(["--quick", "--work-dir", str(tmp_path / "work"), "--max-len", "64", "--batch-size",
+                                "4", "--probe-count", "2", "--save-every", "0", "--device", "cpu"])
+    files = {"harmful_ref": env["harmful_ref"], "harmless_ref": env["harmless_ref"]}
+    first = protocol.train_stage(args, files, "run", env["model"], env["align"], 0.0, 1, 1e-3)
+    folder = Path(first["model"])
+    (folder / "stage.json").unlink()  # killed after surgery.py finished, before the stage was recorded
+    again = protocol.train_stage(args, files, "run", env["model"], env["align"], 0.0, 1, 1e-3)
+    assert again["sink_report"] == first["sink_report"] and (folder / "stage.json").exists()
