@@ -632,19 +632,29 @@ def adapter_state(model):
     return state
 
 
-def save_checkpoint(path, model, optimizer, step, defense=None, main_rank=True):
-    """The trainable weights and the optimizer state, gathered in full on rank 0 (a collective under FSDP2)."""
+def save_checkpoint(path, model, optimizer, step, defense=None, main_rank=True, config=None):
+    """The trainable weights and the optimizer state, gathered in full on rank 0 (a collective under FSDP2), and the
+    run's flags (run_config), so that --resume refuses to continue it with other ones."""
     weights, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     weights = {name: w for name, w in weights.items() if name in trainable}  # a frozen tied copy slips in
     if main_rank:
         state = {"step": step, "trainable": weights, "optimizer": optimizer_state,
-                 "defense": defense.state_dict() if defense is not None else {}}
+                 "defense": defense.state_dict() if defense is not None else {}, "config": config or {}}
         write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path, model, optimizer, defense=None):
+# Flags that --resume may change: where things go and how often, not what is computed.
+RESUMABLE_WITH_OTHER = {"out", "resume", "save_every", "log_every", "device", "grad_checkpointing"}
+
+
+def run_config(args):
+    """The flags a run's result depends on (every command-line flag but RESUMABLE_WITH_OTHER)."""
+    return {name: getattr(args, name) for name in sorted(vars(parse_args([]))) if name not in RESUMABLE_WITH_OTHER}
+
+
+def load_checkpoint(path, model, optimizer, defense=None, config=None):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a damaged or foreign file
@@ -652,6 +662,13 @@ def load_checkpoint(path, model, optimizer, defense=None):
             from None
     if not isinstance(state, dict) or not {"step", "trainable", "optimizer"} <= set(state):
         raise UserError(f"{path}: not a surgery.py checkpoint (no step, trainable weights and optimizer state)")
+    saved = state.get("config") or {}  # checkpoints of before this check carry none
+    differing = [name for name in saved if config is not None and name not in RESUMABLE_WITH_OTHER
+                 and saved[name] != config.get(name)]
+    if differing:
+        name = differing[0]
+        raise UserError(f"{path}: the run was started with --{name.replace('_', '-')} {saved[name]}, not "
+                        f"{config.get(name)}: --resume continues a run with its own flags (or pass a new --out)")
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(state.get("trainable", {})) != expected:
         raise UserError(f"{path}: checkpoint does not match this model and its trainable weights "
@@ -1023,7 +1040,8 @@ def train(args, defense=None):
     objective = distribute(Objective(model, args, defense, world_size), args, world_size, device)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: the local shards
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    start = load_checkpoint(checkpoint, model, optimizer, defense) if args.resume else 0
+    config = run_config(args)
+    start = load_checkpoint(checkpoint, model, optimizer, defense, config) if args.resume else 0
     model.train()
 
     if main_rank:  # after every check, so that a mistake's line is the only one on stderr
@@ -1069,14 +1087,14 @@ def train(args, defense=None):
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
             if args.save_every and done % args.save_every == 0 and done < args.total_steps:
-                save_checkpoint(checkpoint, model, optimizer, done, defense, main_rank)
+                save_checkpoint(checkpoint, model, optimizer, done, defense, main_rank, config)
     except NonFiniteError:
         bar.close()
         raise
     except KeyboardInterrupt:
         bar.close()
         if world_size == 1:  # several processes cannot meet for a gather at an arbitrary point
-            save_checkpoint(checkpoint, model, optimizer, done, defense)
+            save_checkpoint(checkpoint, model, optimizer, done, defense, config=config)
         if main_rank:
             print(f"\ninterrupted: {done if world_size == 1 else 'the last periodic checkpoint'} of "
                   f"{args.total_steps} steps saved to {checkpoint}; continue with --resume", file=sys.stderr)

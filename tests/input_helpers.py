@@ -203,14 +203,15 @@ def bad_models(root, good):
     return models
 
 
-def surgery_checkpoint_of_rank(path, rank, layers=2, hidden=64, kv=32):
-    """A checkpoint.pt as surgery.py writes it, for LoRA of another rank: names match, shapes do not."""
+def surgery_checkpoint_of_rank(path, rank, layers=2, hidden=64, kv=32, config=None):
+    """A checkpoint.pt as surgery.py writes it (tiny Llama, LoRA of this rank on q/k/v/o_proj; `config`: the flags
+    it records, none by default as before surgery.py recorded them)."""
     trainable = {}
     for layer in range(layers):
         for proj, out_features in (("q_proj", hidden), ("k_proj", kv), ("v_proj", kv), ("o_proj", hidden)):
             trainable[f"model.layers.{layer}.self_attn.{proj}.lora_A"] = torch.zeros(rank, hidden)
             trainable[f"model.layers.{layer}.self_attn.{proj}.lora_B"] = torch.zeros(out_features, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": 1, "trainable": trainable, "optimizer": {"state": {}, "param_groups": []}, "defense": {}},
-               path)
+    torch.save({"step": 1, "trainable": trainable, "optimizer": {"state": {}, "param_groups": []}, "defense": {},
+                **({"config": config} if config else {})}, path)
     return path

@@ -59,12 +59,14 @@ def env(tmp_path_factory):
     surgery_checkpoint_of_rank(unfinished / "checkpoint.pt", rank=8)
     (unfinished / "train_log.jsonl").write_text('{"step": 1}\n')
     surgery_checkpoint_of_rank(root / "other_rank" / "checkpoint.pt", rank=4)
+    surgery_checkpoint_of_rank(root / "other_flags" / "checkpoint.pt", rank=8, config={"save_every": 7, "lr": 0.5})
     (root / "garbage_checkpoint").mkdir()
     (root / "garbage_checkpoint" / "checkpoint.pt").write_text("not a checkpoint")
     (root / "fresh").mkdir()
     read_only = root / "read_only"
     read_only.mkdir(mode=0o500)
     files.update(finished=finished, unfinished=unfinished, other_rank=root / "other_rank",
+                 other_flags=root / "other_flags",
                  garbage_checkpoint=root / "garbage_checkpoint", fresh=root / "fresh", read_only=read_only)
     return files
 
@@ -167,6 +169,9 @@ FILE_ROWS = {
     "resume a finished run": (["--resume", "--out", "{finished}"], "checkpoint.pt (that run finished)"),
     "resume a damaged checkpoint": (["--resume", "--out", "{garbage_checkpoint}"],
                                     "checkpoint.pt: not a surgery.py checkpoint (torch.load cannot read it"),
+    "resume with other flags": (["--resume", "--out", "{other_flags}"],
+                                "checkpoint.pt: the run was started with --lr 0.5, not 0.0002: --resume continues a "
+                                "run with its own flags (or pass a new --out)"),
     "resume a checkpoint of another LoRA rank": (["--resume", "--out", "{other_rank}"],
                                                  "checkpoint does not match this model: "
                                                  "model.layers.0.self_attn.q_proj.lora_A has shape (4, 64) there, "
@@ -391,3 +396,22 @@ def test_killed_during_the_final_writes_leaves_outputs_absent_or_complete(env, t
     done = run_cli(ROOT / "surgery.py", *argv, "--out", killed, "--resume", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert check_outputs(killed, complete_report) == {"report": True, "model": True, "adapter": True}
+
+
+def test_resume_refuses_other_flags_and_accepts_other_places(env, tmp_path, capsys):
+    """A real interrupted run: --resume with another --lr is refused (exit 2, one line, the checkpoint kept); with
+    another --save-every, which changes no result, it continues."""
+    from conftest import ctrl_c_at_step
+    argv = fill(GOOD, dict(env, out=tmp_path / "out")) + ["--max-steps", "3"]
+    with ctrl_c_at_step(1), pytest.raises(SystemExit) as stop:
+        surgery.main(argv)
+    assert stop.value.code == 130
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        surgery.main(argv + ["--resume", "--lr", "1e-3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert "the run was started with --lr 0.0002, not 0.001" in err[0]
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["step"] == 1
+    surgery.main(argv + ["--resume", "--save-every", "5"])
+    assert (tmp_path / "out" / "sink_report.json").exists() and not (tmp_path / "out" / "checkpoint.pt").exists()
