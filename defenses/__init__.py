@@ -85,4 +85,5 @@ def loop_parser(prog, description, epilog=""):
         formatter_class=HelpFormatter,
         epilog=(epilog + " " if epilog else "") + "Everything after `--` goes to surgery.py (see `python surgery.py "
                 "--help`: --model, --data, --out, --max-steps, --lr, --lora-targets, ...); --alpha defaults to 0 "
-                "there, so Surgery's own penalty is off unless asked for.")
+                "there, so Surgery's own penalty is off unless asked for. Exit status as surgery.py's: 0 done, 2 bad "
+                "input (one line on stderr, nothing written), 3 training diverged, 130 interrupted.")

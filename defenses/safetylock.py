@@ -406,7 +406,8 @@ def main(argv=None):
     parser = surgery.ArgumentParser(
         prog="python -m defenses.safetylock", formatter_class=HelpFormatter,
         description="SafetyLock: build a lock (per-head safety directions) from an aligned model, or apply one "
-                    "to a fine-tuned model of the same family (METHOD.md section 3).")
+                    "to a fine-tuned model of the same family (METHOD.md section 3).",
+        epilog="Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 130 interrupted.")
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build", formatter_class=HelpFormatter,
                             help="directions of the aligned model -> a small lock file")

@@ -207,3 +207,11 @@ def test_the_rows_start_from_good_commands(env, tmp_path, module, arguments):
     if "lock.st" in produced:
         from defenses import safetylock
         assert torch.isfinite(next(iter(safetylock.load_lock(out / "lock.st")["displacements"].values()))).all()
+
+
+@pytest.mark.parametrize("module", ["defenses.asft", "defenses.sap", "defenses.safetylock"])
+def test_help_states_the_exit_codes(module):
+    done = run_forked("-m", module, "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "2 bad input (one line on stderr, nothing written)" in text and "130 interrupted" in text
