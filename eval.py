@@ -1367,6 +1367,12 @@ def validate(args):
         raise UserError("--lr and --align-lr must be positive, --save-every non-negative")
     if args.data and "{p}" not in args.data:
         raise UserError("--data must contain {p}, the poison ratio, e.g. train_p{p}.jsonl")
+    for flag in ("model", "data", "align_data", "align_benign", "harmful_ref", "harmless_ref", "harmful_probe",
+                 "harmless_probe", "eval_harmful", "eval_harmful_dev", "eval_benign", "eval_task", "judge_train",
+                 "judge_test", "triples", "judge_encoder", "work_dir", "results_dir", "cache_dir"):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():  # not silently the default
+            raise UserError(f"--{flag.replace('_', '-')} is empty: name a path (or leave the flag out for the "
+                            f"default)")
     for spec in args.judges:
         if spec not in ("keyword", "embedding") and not (spec.startswith("guard:") and len(spec) > len("guard:")):
             raise UserError(f"--judges: unknown judge {spec!r} (keyword, embedding or guard:MODEL)")

@@ -907,6 +907,10 @@ def check_flags(args):
                         f"{args.max_len}: the sink position must be below --max-len - 1")
     if not args.full and not args.lora_targets:
         raise UserError("--lora-targets is empty: name the linear layers to adapt, e.g. q_proj,v_proj")
+    for flag in ("model", "data", "harmful_ref", "harmless_ref", "out"):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise UserError(f"--{flag.replace('_', '-')} is empty: name a path (or leave the flag out for the "
+                            f"default)")
 
 
 def check_sequences(model, args, examples, refs):

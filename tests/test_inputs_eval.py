@@ -138,6 +138,9 @@ FLAG_ROWS = {
 }
 
 FILE_ROWS = {
+    "align data the empty string": (["--align-data", ""], "--align-data is empty: name a path (or leave the flag "
+                                                          "out for the default)"),
+    "align data a device": (["--align-data", "/dev/zero"], "/dev/zero: not a regular file"),
     "align data missing": (["--align-data", "{root}/absent.jsonl"], "absent.jsonl: no such file"),
     "align data a folder": (["--align-data", "{folder}"], "a_folder: is a folder, expected a file"),
     "align data unreadable": (["--align-data", "{unreadable}"], "cannot read it (Permission denied)", True),

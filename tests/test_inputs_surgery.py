@@ -128,6 +128,9 @@ FLAG_ROWS = {
 FILE_ROWS = {
     "data missing": (["--data", "{root}/absent.jsonl"], "absent.jsonl: no such file"),
     "data a folder": (["--data", "{folder}"], "a_folder: is a folder, expected a file"),
+    "data a device": (["--data", "/dev/zero"], "/dev/zero: not a regular file"),  # reading it would never end
+    "data the empty string": (["--data", ""], "--data is empty: name a path"),  # Path("") would be the cwd
+    "out the empty string": (["--out", " "], "--out is empty: name a path"),
     "data unreadable": (["--data", "{unreadable}"], "cannot read it (Permission denied)", True),
     "data empty": (["--data", "{empty}"], "empty.jsonl: file is empty"),
     "data only blank lines": (["--data", "{blank}"], "blank.jsonl: file is empty"),
