@@ -49,17 +49,17 @@ class NonFiniteError(Exception):
 # 1. Data
 # ----------------------------------------------------------------------------------------------------------------
 
-# Every record is held in memory, tokenized: a data file beyond this size cannot be a mistake-free run.
+# Every record is held in memory, tokenized (several times the size of its text): larger data files are refused.
 MAX_DATA_BYTES = 1 << 30
 
 
-def read_text_file(path, what="file"):
+def read_text_file(path):
     """The UTF-8 text of a file; a missing, unreadable, huge or non-UTF-8 file is a UserError naming it."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a {what}")
+        raise UserError(f"{path}: is a folder, expected a file")
     if not path.is_file():
-        raise UserError(f"{path}: no such {what}" if not path.exists() else f"{path}: not a regular file")
+        raise UserError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
     if path.stat().st_size > MAX_DATA_BYTES:
         raise UserError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_DATA_BYTES >> 30} GiB limit of a "
                         f"data file (every record is held in memory): use a subset")
