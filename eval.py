@@ -285,6 +285,18 @@ def check_splits(files):
                         f"and reference sets must be disjoint")
 
 
+def check_references(args, files, tokenizer):
+    """What every training stage's surgery.py would find only when it starts: each reference sequence needs a token
+    after the sink position (--train-args may move it) within --max-len."""
+    sink_pos = surgery.parse_args(shlex.split(args.train_args)).sink_pos
+    for key in ("harmful_ref", "harmless_ref"):
+        for i, record in enumerate(read_records(files[key]), start=1):
+            length = len(surgery.encode(tokenizer, record, args.max_len)[0])
+            if length <= sink_pos + 1:
+                raise UserError(f"{files[key]}: {key.replace('_', ' ')} record {i} has {length} tokens (within "
+                                f"--max-len {args.max_len}), none after the sink position {sink_pos}")
+
+
 def all_ratios(args):
     return sorted(set(args.poison_ratios) | set(args.defense_ratios) | {args.sweep_ratio})
 
@@ -1124,11 +1136,12 @@ def choose_regime(args, files, judges, aligned, fingerprint, results):
 
 def run(args, command):
     try:  # the model first: a typo in its name costs seconds, and nothing is written
-        surgery.check_model(args.model or offline.default_model_dir(args.cache_dir))
+        tokenizer = surgery.check_model(args.model or offline.default_model_dir(args.cache_dir))
     except offline.OfflineDataError as e:
         raise UserError(str(e)) from None
     files = resolve_inputs(args)
     check_splits(files)
+    check_references(args, files, tokenizer)
     args.model_path = files["model"]
     judges = build_judges(args, files)
     results = Path(args.results_dir)

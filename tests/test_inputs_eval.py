@@ -58,6 +58,7 @@ def env(tmp_path_factory):
              "triples": write_jsonl(root / "triples.jsonl", [
                  {"instruction": harmful(i, "s")["instruction"], "refusal": refusal(i, "s")["output"],
                   "harmful_answer": harmful(i, "s")["output"]} for i in range(4)]),
+             "short_refs": write_jsonl(root / "short_refs.jsonl", [{"instruction": "a", "output": "b"}] * 2),
              "judge_bad_label": write_jsonl(root / "judge_bad_label.jsonl", [
                  {"objective": "How?", "response": "Like so.", "label": 2}]),
              "judge_no_label": write_jsonl(root / "judge_no_label.jsonl", [{"objective": "How?", "response": "No."}]),
@@ -166,6 +167,9 @@ FILE_ROWS = {
     "triples without refusal": (["--triples", "{triples_no_refusal}"], "record 1 needs non-empty string fields "
                                                                        "'instruction', 'refusal'"),
     "triples a folder": (["--triples", "{folder}"], "is a folder, expected a file"),
+    "references too short for the sink position": (["--harmful-ref", "{short_refs}", "--train-args=--sink-pos 30"],
+                                                   "short_refs.jsonl: harmful ref record 1 has 23 tokens (within "
+                                                   "--max-len 64), none after the sink position 30"),
     "evaluation prompts shared with training": (["--eval-task", "{align}"], "share"),
     "references shared with evaluation": (["--eval-harmful", "{harmful_ref}"], "harmful_ref and eval_harmful share 4 "
                                                                                "instruction(s)"),
@@ -216,6 +220,7 @@ def test_the_rows_start_from_a_good_command(env, tmp_path):
     protocol.surgery.check_model(args.model)
     files = protocol.resolve_inputs(args)
     protocol.check_splits(files)
+    protocol.check_references(args, files, protocol.surgery.check_model(args.model))
     assert len(protocol.read_records(files["eval_task"])) == 4
 
 
