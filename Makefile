@@ -25,6 +25,7 @@ $(VENV)/.ready: requirements.txt pyproject.toml CMakeLists.txt $(wildcard checke
 	touch $@
 
 demo: setup
+	rm -rf runs/demo  # a fresh run each time: surgery.py refuses to write over another run
 	$(PY) surgery.py --out runs/demo
 
 test: setup
