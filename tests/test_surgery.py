@@ -480,7 +480,7 @@ def test_penalty_and_gradient_are_the_same_with_activation_checkpointing(full):
                                      for p in model.parameters() if p.requires_grad]))
         assert surgery.SinkRecorder.columns == [] and surgery.SinkRecorder.position is None  # nothing left behind
     (d0, g0), (d1, g1) = results
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     assert torch.allclose(d0, d1, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(g0, g1)) < 1e-6
     assert max(g.abs().max().item() for g in g0) > 1e-4
