@@ -747,12 +747,25 @@ def complete_sentences(text):
     return text[:end + 1] if end > 0 else text
 
 
+def alignment_data(args, files):
+    """The alignment stage's records: align's (refusals, task pairs) and align_benign's requests with the model's
+    own answers (benign_answers_stage), shuffled, as a file named by its content."""
+    combined = read_records(files["align"]) + surgery.read_json_rows(benign_answers_stage(args, files)["pairs"])
+    random.Random(f"{args.seed}:align-benign").shuffle(combined)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in combined)
+    target = Path(args.work_dir) / "align-data" / f"align_{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    if not target.exists():
+        write_text(target, text)
+    return target
+
+
 def benign_answers_stage(args, files):
     """align_benign's requests answered greedily by the model before alignment: the alignment stage keeps it an
-    assistant by training on its own helpful answers. An answer cut by the token limit ends at its last sentence."""
+    assistant by training on its own helpful answers. An answer cut by the token limit ends at its last sentence.
+    Cached by the requests alone: changing the rest of the alignment data does not generate them again."""
     records = read_records(files["align_benign"])
     config = {"stage": "benign-answers", "model": str(files["model"]), "requests": file_digest(files["align_benign"]),
-              "answer_tokens": args.answer_tokens, "align": file_digest(files["align"])}
+              "answer_tokens": args.answer_tokens}
     if args.n_align_benign is not None and args.n_align_benign < len(records):  # the key only when it cuts
         records, config["n"] = records[:args.n_align_benign], args.n_align_benign
 
@@ -763,12 +776,9 @@ def benign_answers_stage(args, files):
         pairs = []
         for record, answer in zip(records, map(complete_sentences, answers)):
             if KeywordJudge().harmful(None, [answer])[0]:  # a non-empty answer without a refusal: helpful
-                pairs.append({"instruction": record["instruction"], "output": answer,
-                              "source": record.get("source", "") + " -> base model's answer"})
-        combined = read_records(files["align"]) + pairs
-        random.Random(f"{args.seed}:align-benign").shuffle(combined)
-        write_text(folder / "align.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in combined))
-        return {"align": str(folder / "align.jsonl"), "benign_pairs": len(pairs), "requests": len(records)}
+                pairs.append({"instruction": record["instruction"], "output": answer})
+        write_text(folder / "pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs))
+        return {"pairs": str(folder / "pairs.jsonl"), "benign_pairs": len(pairs), "requests": len(records)}
     return cached_stage(args.work_dir, "benign-answers", config, compute)
 
 
@@ -1152,7 +1162,7 @@ def run(args, command):
         """1. Align (only when something still needs the aligned model): refusals for harmful requests, the base
         model's own answers to benign requests, and the task, so that the attacks start from a helpful assistant
         that refuses harmful requests."""
-        align_data = benign_answers_stage(args, files)["align"]
+        align_data = alignment_data(args, files)
         return train_stage(args, files, "align", files["model"], align_data, 0.0, args.align_steps, args.align_lr)
 
     regime = choose_regime(args, files, judges, aligned, protocol_fingerprint(args, files), results)

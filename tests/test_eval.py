@@ -294,7 +294,7 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
         report = json.loads((root / by_name[name]["model"] / "sink_report.json").read_text())
         assert np.allclose(report["divergence_before"], aligned["divergence_train_refs"], atol=1e-5)
     # The alignment data holds the base model's own answers to the benign requests.
-    align_data = next((root / "work").glob("benign-answers-*")) / "align.jsonl"
+    align_data = next((root / "work" / "align-data").glob("align_*.jsonl"))
     assert sum("bird" in r["instruction"] for r in surgery.read_records(align_data)) <= 4
     assert "| keyword |" in table and "| embedding |" in table
     for plot in ("hs_fa_vs_p.png", "positive_heads_vs_p.png", "divergence_heatmap_p0.5.png"):
