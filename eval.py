@@ -773,10 +773,9 @@ def benign_answers_stage(args, files):
         model, tokenizer = surgery.load_model(str(files["model"]), device_for(args))
         answers = generate(model, tokenizer, [r["instruction"] for r in records], args.answer_tokens,
                            args.gen_batch, "base model: benign requests")
-        pairs = []
-        for record, answer in zip(records, map(complete_sentences, answers)):
-            if KeywordJudge().harmful(None, [answer])[0]:  # a non-empty answer without a refusal: helpful
-                pairs.append({"instruction": record["instruction"], "output": answer})
+        answers = [complete_sentences(a) for a in answers]
+        helpful = KeywordJudge().harmful(None, answers)  # a non-empty answer without a refusal phrase
+        pairs = [{"instruction": r["instruction"], "output": a} for r, a, keep in zip(records, answers, helpful) if keep]
         write_text(folder / "pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs))
         return {"pairs": str(folder / "pairs.jsonl"), "benign_pairs": len(pairs), "requests": len(records)}
     return cached_stage(args.work_dir, "benign-answers", config, compute)
@@ -912,9 +911,8 @@ def step_time_vs_sft(record, records):
     return f"{record['seconds_per_step'] / sft['seconds_per_step']:.2f}"
 
 
-def markdown_report(args, records, judges, command, total_runs, regime):
+def markdown_report(args, records, summary, judges, command, total_runs, regime):
     judge_names = [j.name for j in judges]
-    summary = summarize(records, judge_names, args.bootstrap)
     preset = "--quick preset: a smoke run, not a result" if args.quick else "default preset"
     steps, lr = regime["steps"], regime["lr"]
     lines = [f"# Harmful fine-tuning: SFT, Surgery and the comparison defenses ({preset})", "",
@@ -983,13 +981,12 @@ def fmt_rate(rate):
     return "-" if rate is None else f"{100 * rate:.1f}"
 
 
-def plot_report(args, records, judges, out):
+def plot_report(args, records, summary, judges, out):
     """PNG files: HS, FA and over-refusal vs p per method, positive heads vs p (held-out probes), with 95%
-    intervals as error bars; divergence heatmaps of SFT and Surgery at the sweep ratio."""
+    intervals as error bars; divergence heatmaps of SFT and Surgery at the sweep ratio. summary: summarize()'s."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    summary = summarize(records, [j.name for j in judges], args.bootstrap)
     aligned = summary.get(("aligned", 0.0, None))
     methods = [("sft", "SFT (alpha 0)", dict(color="tab:red", marker="o", ms=7, ls="-")),
                ("surgery", f"Surgery (alpha {args.alpha:g})", dict(color="tab:blue", marker="s", ms=5, ls="--")),
@@ -1165,9 +1162,9 @@ def run(args, command):
         align_data = alignment_data(args, files)
         return train_stage(args, files, "align", files["model"], align_data, 0.0, args.align_steps, args.align_lr)
 
-    regime = choose_regime(args, files, judges, aligned, protocol_fingerprint(args, files), results)
-    fingerprint = hashlib.sha256(json.dumps([protocol_fingerprint(args, files), regime["steps"], regime["lr"]])
-                                 .encode()).hexdigest()[:16]
+    protocol = protocol_fingerprint(args, files)  # reads every input file: once
+    regime = choose_regime(args, files, judges, aligned, protocol, results)
+    fingerprint = hashlib.sha256(json.dumps([protocol, regime["steps"], regime["lr"]]).encode()).hexdigest()[:16]
     done = committed_records(results, fingerprint)
     plan = attack_plan(args)
     everything = [("base", "base", None, 0.0, None), ("aligned", "aligned", None, 0.0, None)] + plan
@@ -1182,8 +1179,10 @@ def run(args, command):
         """The table and plots from every finished run JSON of the plan (other shards' included)."""
         names = {r[0] for r in everything}
         records = [r for r in committed_records(results, fingerprint).values() if r["run"] in names]
-        write_text(results / "results.md", markdown_report(args, records, judges, command, len(everything), regime))
-        return records, plot_report(args, records, judges, results)
+        summary = summarize(records, [j.name for j in judges], args.bootstrap)  # once: the table and plots share it
+        write_text(results / "results.md", markdown_report(args, records, summary, judges, command, len(everything),
+                                                           regime))
+        return records, plot_report(args, records, summary, judges, results)
 
     def record(run, training, model_path, divergence, extra_seconds=0.0):
         evaluation = evaluate_stage(args, files, judges, run[0], model_path)
