@@ -1,5 +1,7 @@
 """sinkcheck agrees with transformers' eager attention (the oracle) and its CLI does what --help says."""
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,15 @@ from safetensors.torch import load_file, save_file
 import sinkcheck
 from checker_helpers import (eager_divergence, eager_sink_means, random_sequences, run_cli, save_checker_model,
                              write_probes)
+
+
+def load_script(relative):
+    """A script of this repository (not a package module) as a module."""
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 TOL = 1e-4
 VOCAB = 259  # tiny.py's byte-level tokenizer
@@ -346,8 +357,6 @@ def test_builtin_probe_file_is_paired_held_out_and_current():
     with its source; no instruction of the evaluation splits or of Surgery's reference pairs; and it is what
     checker/make_builtin_probes.py writes from offline.py today."""
     offline = pytest.importorskip("offline")
-    import importlib.util
-    from pathlib import Path
     from sinkcheck import probes as probes_mod
     lines = [json.loads(l) for l in probes_mod.builtin_path().read_text(encoding="utf-8").splitlines()]
     assert "_meta" in lines[0] and "pyrit" in lines[0]["_meta"]["licences"]
@@ -364,33 +373,17 @@ def test_builtin_probe_file_is_paired_held_out_and_current():
             for r in part}
     assert not {offline.norm(r["instruction"]) for r in records} & held
 
-    spec = importlib.util.spec_from_file_location(
-        "make_builtin_probes", Path(__file__).resolve().parents[1] / "checker" / "make_builtin_probes.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
+    maker = load_script("checker/make_builtin_probes.py")
     assert maker.render(offline.probe_records(0), 0) == probes_mod.builtin_path().read_text(encoding="utf-8")
 
 
-LAUNCHER = """
-import json, os, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(json.dumps({"code": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}))
-"""
-
-
 def peak_rss_kb(*args):
-    """Peak RSS of a sinkcheck run, from a small launcher (a child's ru_maxrss starts from its forker's RSS)."""
-    import subprocess
-    import sys
+    """Peak RSS of a sinkcheck run, measured as bench/bench_sinkcheck_8b.py measures it (from a small launcher: a
+    child's ru_maxrss starts from its forker's RSS)."""
     from checker_helpers import SINKCHECK
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, SINKCHECK, *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["code"] == 0, done.stderr
-    return result["maxrss_kb"]
+    _, peak_bytes, code, stderr = load_script("bench/bench_sinkcheck_8b.py").measure([SINKCHECK, *map(str, args)])
+    assert code == 0, stderr
+    return peak_bytes // 1024
 
 
 def test_peak_memory_does_not_grow_with_depth(tmp_path):
