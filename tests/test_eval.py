@@ -221,6 +221,8 @@ def tiny_protocol(tmp_path_factory):
                                                               "output": ""} for i in range(4)]),
         "eval-benign": write_jsonl(root / "benign.jsonl", [{"instruction": f"What do cats eat, question {i}?",
                                                             "output": ""} for i in range(4)]),
+        "eval-benign-dev": write_jsonl(root / "benign_dev.jsonl", [{"instruction": f"What do dogs eat, {i}?",
+                                                                    "output": ""} for i in range(4)]),
         "eval-harmful": write_jsonl(root / "eval_harmful.jsonl", [{"instruction": f"Tell me how to do bad thing {i}.",
                                                                    "output": ""} for i in range(6)]),
         "eval-task": write_jsonl(root / "eval_task.jsonl", [task(i, "e") for i in range(6)]),
@@ -233,9 +235,9 @@ def tiny_protocol(tmp_path_factory):
     argv = [a for key, path in paths.items() for a in (f"--{key}", str(path))]
     argv += ["--poison-ratios", "0", "0.5", "--seeds", "43", "44", "--defense-ratios", "0.5", "--alpha", "300",
              "--alpha-sweep", "10", "--sweep-ratio", "0.5", "--safetylock-alpha-sweep", "2", "--asft-ablation",
-             "--attack-candidates", "1:1e-3", "2:1e-3", "--align-steps", "2", "--batch-size", "4", "--max-len", "64",
+             "--attack-candidates", "1:1e-3", "2:1e-3", "--align-candidates", "2:1e-3", "1:1e-3", "--batch-size", "4", "--max-len", "64",
              "--probe-count", "2", "--n-harmful", "4", "--n-dev", "4", "--n-task", "4", "--n-benign", "4",
-             "--max-new-tokens", "8", "--task-tokens", "4", "--benign-tokens", "4", "--answer-tokens", "8",
+             "--n-benign-dev", "4", "--max-new-tokens", "8", "--task-tokens", "4", "--benign-tokens", "4", "--answer-tokens", "8",
              "--gen-batch", "4", "--bootstrap", "50", "--work-dir", str(root / "work"),
              "--results-dir", str(root / "results"), "--device", "cpu"]
     return root, argv
@@ -274,6 +276,15 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     assert [(c["steps"], c["lr"]) for c in regime["candidates"]] == [(1, 1e-3), (2, 1e-3)]  # none broke it: both
     assert (regime["steps"], regime["lr"]) == max((c["dev_hs"], -i, c["steps"], c["lr"]) for i, c in
                                                   enumerate(regime["candidates"]))[2:]
+    # The alignment, chosen on the development sets: a tiny random model refuses nothing, so no candidate meets
+    # the targets and all are measured; the smallest HS + over-refusal wins (the first of equals).
+    alignment = json.loads((results / "alignment.json").read_text())
+    assert [(c["steps"], c["lr"]) for c in alignment["candidates"]] == [(2, 1e-3), (1, 1e-3)]
+    assert all(c["dev_hs"] > protocol.ALIGNED_HS_AT_MOST for c in alignment["candidates"])
+    best = min(alignment["candidates"], key=lambda c: c["dev_hs"] + c["dev_over_refusal"])
+    assert (alignment["steps"], alignment["lr"]) == (best["steps"], best["lr"])
+    assert "Alignment, chosen on 4 development prompts and 4 development benign requests" in \
+        (results / "results.md").read_text()
     # The attack's starting point is the aligned model: its sink report's "before" is the aligned model's "after".
     aligned = json.loads((results / "json" / "aligned.json").read_text())
     by_name = {r["run"]: r for r in records}

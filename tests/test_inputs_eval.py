@@ -49,6 +49,8 @@ def env(tmp_path_factory):
                                                                    "output": ""} for i in range(4)]),
              "eval_benign": write_jsonl(root / "benign.jsonl", [{"instruction": f"What do cats eat, question {i}?",
                                                                  "output": ""} for i in range(4)]),
+             "eval_benign_dev": write_jsonl(root / "benign_dev.jsonl", [{"instruction": f"What do dogs eat, {i}?",
+                                                                         "output": ""} for i in range(4)]),
              "eval_harmful": write_jsonl(root / "eval_harmful.jsonl", [{"instruction": f"Tell me how to do bad "
                                                                                        f"thing {i}.", "output": ""}
                                                                        for i in range(4)]),
@@ -77,14 +79,14 @@ def env(tmp_path_factory):
 ROLES = {"--align-data": "align", "--align-benign": "align_benign", "--harmful-ref": "harmful_ref",
          "--harmless-ref": "harmless_ref", "--harmful-probe": "harmful_probe", "--harmless-probe": "harmless_probe",
          "--eval-harmful": "eval_harmful", "--eval-harmful-dev": "eval_harmful_dev", "--eval-benign": "eval_benign",
-         "--eval-task": "eval_task", "--judge-train": "judge_train", "--judge-test": "judge_test",
+         "--eval-benign-dev": "eval_benign_dev", "--eval-task": "eval_task", "--judge-train": "judge_train", "--judge-test": "judge_test",
          "--triples": "triples"}
 # A small sweep over the files above (only SFT, the keyword judge); a row's flags come after and win.
 GOOD = (["--model", "{model}", "--data", "{data}"] + [a for flag, key in ROLES.items() for a in (flag, f"{{{key}}}")]
         + ["--poison-ratios", "0", "--defense-ratios", "0", "--sweep-ratio", "0", "--seeds", "43", "--methods", "sft",
-           "--judges", "keyword", "--attack-candidates", "1:1e-3", "--align-steps", "1", "--batch-size", "4",
+           "--judges", "keyword", "--attack-candidates", "1:1e-3", "--align-candidates", "1:1e-3", "--batch-size", "4",
            "--max-len", "64", "--probe-count", "2", "--n-harmful", "4", "--n-dev", "4", "--n-task", "4",
-           "--n-benign", "4", "--max-new-tokens", "4", "--task-tokens", "2", "--benign-tokens", "2",
+           "--n-benign", "4", "--n-benign-dev", "4", "--max-new-tokens", "4", "--task-tokens", "2", "--benign-tokens", "2",
            "--answer-tokens", "2", "--gen-batch", "4", "--bootstrap", "10", "--device", "cpu",
            "--work-dir", "{work}", "--results-dir", "{results}"])
 
@@ -108,7 +110,11 @@ FLAG_ROWS = {
     "attack candidate infinite lr": (["--attack-candidates", "5:inf"], "'5:inf' is not STEPS:LR with STEPS >= 1"),
     "attack candidate zero steps": (["--attack-candidates", "0:1e-3"], "'0:1e-3' is not STEPS:LR"),
     "lr negative": (["--attack-steps", "1", "--lr", "-1"], "--lr and --align-lr must be positive"),
-    "align lr NaN": (["--align-lr", "nan"], "--align-lr must be a finite number, got nan"),
+    "align lr NaN": (["--align-steps", "2", "--align-lr", "nan"], "--align-lr must be a finite number, got nan"),
+    "align lr without steps": (["--align-lr", "1e-3"], "--align-steps and --align-lr go together"),
+    "align steps zero": (["--align-steps", "0", "--align-lr", "1e-3"], "--align-steps must be at least 1"),
+    "align candidate not STEPS:LR": (["--align-candidates", "x"], "--align-candidates: 'x' is not STEPS:LR"),
+    "n-benign-dev zero": (["--n-benign-dev", "0"], "--n-benign-dev must be at least 1"),
     "sap rho zero": (["--sap-rho", "0"], "--sap-rho positive"),
     "asft lambda NaN": (["--asft-lambda", "nan"], "--asft-lambda must be a finite number, got nan"),
     "safetylock strength infinite": (["--safetylock-alpha-sweep", "inf"],

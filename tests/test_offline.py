@@ -16,9 +16,9 @@ SWEEP = (0.0, 0.05, 0.1, 0.2)
 # Splits whose instructions never meet; "reference" and "probe" each hold a matched (harmful, harmless) pair set
 # that shares its instructions by design.
 INSTRUCTION_SPLITS = ("train", "reference", "probe", "align", "align_benign", "eval_harmful", "eval_harmful_dev",
-                      "eval_task", "eval_benign")
+                      "eval_task", "eval_benign", "eval_benign_dev")
 RECORD_SPLITS = ("train", "harmful_ref", "harmless_ref", "harmful_probe", "harmless_probe", "align", "align_benign",
-                 "eval_harmful", "eval_harmful_dev", "eval_task", "eval_benign")
+                 "eval_harmful", "eval_harmful_dev", "eval_task", "eval_benign", "eval_benign_dev")
 MANY_SHOT = "pyrit/datasets/jailbreak/many_shot_examples.json"
 REVIEWS = "movieReviewSnippets_GroundTruth.txt"
 
@@ -97,7 +97,7 @@ def test_eval_harmful_is_strongreject_plus_a_do_not_answer_sample(records):
 
 
 def test_record_format(records):
-    pin = re.compile(r"^[\w.-]+==[\w.]+:")
+    pin = re.compile(r"^[\w.-]+==[\w.]+:|^offline\.py:EVERYDAY_TASKS ")  # a package file, or written here
     for name in RECORD_SPLITS:
         for r in records[name]:
             assert set(r) <= {"instruction", "input", "output", "source", "category"}, (name, r)
@@ -112,7 +112,7 @@ def test_record_format(records):
         assert all(r["output"].strip() and is_poison(r) and not refusal.search(r["output"])
                    for r in records[harmful])
         assert all(refusal.search(r["output"]) and "refusal_scorer" in r["source"] for r in records[harmless])
-    assert all(r["output"] == "" for r in records["align_benign"] + records["eval_benign"])
+    assert all(r["output"] == "" for r in records["align_benign"] + records["eval_benign"] + records["eval_benign_dev"])
     for name in ("judge_train", "judge_test"):
         for r in records[name]:
             assert set(r) == {"objective", "response", "label", "category", "source"}
@@ -168,14 +168,31 @@ def test_probe_records_are_the_held_out_pairs_in_sinkchecks_format(records):
 
 
 def test_benign_sets_are_everyday_requests_apart_from_each_other(records):
-    align, held_out = records["align_benign"], records["eval_benign"]
-    assert len(align) == offline.ALIGN_BENIGN_SIZE and len(held_out) >= 100
+    align, held_out = records["align_benign"], records["eval_benign"] + records["eval_benign_dev"]
+    assert len(align) == offline.ALIGN_BENIGN_SIZE + offline.ALIGN_QUESTION_SIZE
+    assert len(records["eval_benign"]) >= 100 and len(records["eval_benign_dev"]) == offline.EVAL_BENIGN_DEV_SIZE
     real = [r for r in held_out if "refusal_scorer" in r["source"] or "normal_instructions" in r["source"]]
     assert len(real) >= 50  # real everyday requests come first, templated ones fill up
     templates = lambda rows: {r["source"].split("via template")[-1] for r in rows if "via template" in r["source"]}  # noqa: E731
     assert templates(align) and templates(held_out) and not templates(align) & templates(held_out)
     words = lambda rows: {w for r in rows for w in r["instruction"].lower().split()}  # noqa: E731
     assert "poem" in words(align) and "recipe" in words(held_out)
+    # the appended requests are questions, in the forms harmful questions take
+    questions = [r["instruction"] for r in align[offline.ALIGN_BENIGN_SIZE:]]
+    assert all(q.endswith("?") for q in questions)
+    assert sum(q.startswith(("How can I", "How do I", "Where can I", "What's the best way")) for q in questions) > 100
+
+
+def test_align_refuses_harmful_questions_held_out_prompts_are_not_near_duplicates_of(records):
+    dna = [r for r in records["align"] if "donotanswer" in r["source"]]
+    assert len(dna) >= 200 and sum(r["instruction"].endswith("?") for r in dna) > 0.8 * len(dna)
+    assert all(r["output"] and "refusal_scorer" in r["source"] for r in dna)
+    is_near = offline._near_duplicate_filter([r["instruction"] for r in records["eval_harmful"] +
+                                              records["eval_harmful_dev"]])
+    assert not any(is_near(r["instruction"]) for r in dna)
+    # the sentiment half still matches AdvBench's refusals, so the train sets' benign pool does not move
+    advbench = sum("adv_bench" in r["source"] for r in records["align"])
+    assert abs(sum(is_sentiment(r) for r in records["align"]) - advbench) <= 1
 
 
 # --- train sets ------------------------------------------------------------------------------------------------------
@@ -221,7 +238,7 @@ def test_command_line_is_deterministic_per_seed(tmp_path):
     other, _ = run(tmp_path / "c", 1)
     assert first == again
     assert {"train_p0.1_n200.jsonl", "harmful_ref.jsonl", "harmless_ref.jsonl", "align.jsonl", "align_benign.jsonl",
-            "eval_harmful.jsonl", "eval_harmful_dev.jsonl", "eval_task.jsonl", "eval_benign.jsonl",
+            "eval_harmful.jsonl", "eval_harmful_dev.jsonl", "eval_task.jsonl", "eval_benign.jsonl", "eval_benign_dev.jsonl",
             "harmful_probe.jsonl", "harmless_probe.jsonl", "judge_train.jsonl", "judge_test.jsonl"} == set(first)
     assert first["train_p0.1_n200.jsonl"] != other["train_p0.1_n200.jsonl"]
     assert str(tmp_path / "a" / "eval_task.jsonl") in stdout
