@@ -5,8 +5,11 @@ attention maps as the released code does; with --variants, also (d) AsFT and (e)
 weights, with or without activation checkpointing. Same model, batch and sequence length throughout. Prints each
 variant's ratio of median step time and of peak memory to plain SFT of the same kind.
 
-    python bench/bench_train.py [--model M] [--batch-size 8] [--seq-len 256] [--rounds 6] [--variants abc]
-                                [--kinds lora,lora-bf16,full,full-bf16,full-bf16-ckpt]
+    python bench/bench_train.py [--model M | --config llama3-8b] [--batch-size 8] [--seq-len 256] [--rounds 6]
+                                [--variants abc] [--kinds lora,lora-bf16,full,full-bf16,full-bf16-ckpt]
+
+--config times a randomly initialised model of a shape (a config.json, or llama3-8b: meta-llama/Llama-3.1-8B's)
+on random token ids, built directly on the device: the paper's 8B setting on a GPU without its weights or data.
 
 A kind is `lora` or `full`, then optionally `-bf16`, then optionally `-ckpt`, as surgery.py trains with the same
 flags: `lora` (LoRA adapters, fp32 weights: the default), `lora-bf16` (--dtype bf16: frozen weights in bf16,
@@ -91,6 +94,25 @@ def long_records(records, tokenizer, seq_len):
     return out
 
 
+def random_config(spec):
+    """A transformers config from a config.json path, or llama3-8b."""
+    from transformers import AutoConfig
+    if spec == "llama3-8b":
+        from bench_sinkcheck_8b import config
+        values = config(32)
+    else:
+        values = json.loads(Path(spec).read_text())
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def random_data(vocab_size, seq_len, batch_size, seed=0):
+    """Task examples (every token supervised) and references of random ids, each seq_len long."""
+    draw = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(vocab_size, (n, seq_len), generator=draw).tolist()  # noqa: E731
+    examples = [(row, list(row)) for row in ids(4 * batch_size)]
+    return examples, (ids(16), ids(16))
+
+
 def bench_data(tokenizer, seq_len, batch_size):
     """Task examples and references, every one exactly seq_len tokens long."""
     import offline
@@ -117,12 +139,22 @@ class Bench:
                                        "--log-every", str(10 ** 9), "--dtype", spec["dtype"]] +
                                       ["--full"] * spec["full"] + ["--grad-checkpointing"] * spec["grad_checkpointing"])
         # As surgery.train: --full loads the weights in --dtype; LoRA loads fp32 and casts the frozen weights.
-        self.model, tokenizer = surgery.load_model(args.model, self.device,
-                                                   surgery.DTYPES[self.run.dtype] if self.run.full else torch.float32)
+        dtype = surgery.DTYPES[self.run.dtype] if self.run.full else torch.float32
+        if args.config:
+            from transformers import AutoModelForCausalLM
+            config = random_config(args.config)
+            with self.device:  # initialised where it runs: an 8B model never passes through host memory
+                self.model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                              attn_implementation=surgery.SINK_ATTENTION)
+            tokenizer, pad_id = None, config.pad_token_id or 0
+            data = data or random_data(config.vocab_size, args.seq_len, args.batch_size)
+        else:
+            self.model, tokenizer = surgery.load_model(args.model, self.device, dtype)
+            pad_id = tokenizer.pad_token_id
         if not self.run.full and self.run.dtype == "bf16":
             self.model.to(torch.bfloat16)
         self.examples, self.refs = data or bench_data(tokenizer, args.seq_len, args.batch_size)
-        self.run.pad_id, self.run.total_steps = tokenizer.pad_token_id, 10 ** 6
+        self.run.pad_id, self.run.total_steps = pad_id, 10 ** 6
         torch.manual_seed(self.run.seed)
         if self.run.full:
             self.model.requires_grad_(True)
@@ -189,6 +221,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--config", help="instead of --model: a randomly initialised model of this shape, a config.json "
+                                    "or llama3-8b, on random tokens (no weights or data needed)")
     p.add_argument("--batch-size", type=int, default=8, help="task sequences per step (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per task and reference sequence (default 256)")
     p.add_argument("--rounds", type=int, default=6,
@@ -211,7 +245,14 @@ def main():
                 f"(got {args.kinds!r})")
     if set(args.variants) & set(LORA_ONLY) and any(parse_kind(k)["full"] for k in kinds):
         p.error("--variants d and e (AsFT, SAP) are LoRA methods: use them with LoRA kinds only")
-    if args.model is None:
+    if args.config and args.model:
+        p.error("--model and --config: one or the other")
+    if args.config:
+        try:
+            random_config(args.config)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--config {args.config}: {e}")
+    elif args.model is None:
         import offline
         args.model = str(offline.default_model_dir())
     if args.memory_of:
@@ -223,7 +264,7 @@ def main():
     peaks = {}
     for kind, variant in pairs:
         cmd = [sys.executable, __file__, "--memory-of", f"{kind}:{variant}", "--kinds", kind, "--variants", variant,
-               "--model", args.model, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+               *(["--config", args.config] if args.config else ["--model", args.model]), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
         started = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -248,7 +289,7 @@ def main():
     median = {pair: statistics.median(t) for pair, t in times.items()}
 
     device = next(iter(benches.values())).device
-    print(f"{Path(args.model).name} on {device}, batch {args.batch_size} x {args.seq_len} tokens, "
+    print(f"{args.config or Path(args.model).name} on {device}, batch {args.batch_size} x {args.seq_len} tokens, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
     for kind in kinds:
         if len(kinds) > 1 or kind != "lora":
