@@ -192,6 +192,18 @@ class Bench:
         return time.perf_counter() - start
 
 
+def profile_step(bench, kind, variant, rows):
+    """torch.profiler's operators of one step, by their own time on the device (CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = bench.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        seconds = bench.step(variant)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"\n{kind} ({variant}) {VARIANTS[variant]}: one step, {seconds:.3f} s")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def reset_peak_rss():
     """Start the process's peak resident set afresh from its current size (Linux); False where not possible."""
     try:
@@ -233,6 +245,9 @@ def main():
                    help="comma-separated kinds of training, each measured with every variant and compared with "
                         "its own plain SFT: lora, lora-bf16, full, full-bf16, each optionally with -ckpt "
                         "(e.g. full-bf16-ckpt, the paper's setting); default lora")
+    p.add_argument("--profile", type=int, metavar="ROWS",
+                   help="instead of timing: profile one step of each (kind, variant) after the warm-up and print "
+                        "its ROWS costliest operators (torch.profiler; device time on a GPU)")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # child process mode: KIND:VARIANT
     args = p.parse_args()
     if not set(args.variants) <= set(VARIANTS):
@@ -262,7 +277,7 @@ def main():
 
     pairs = [(kind, variant) for kind in kinds for variant in args.variants]
     peaks = {}
-    for kind, variant in pairs:
+    for kind, variant in pairs if not args.profile else []:
         cmd = [sys.executable, __file__, "--memory-of", f"{kind}:{variant}", "--kinds", kind, "--variants", variant,
                *(["--config", args.config] if args.config else ["--model", args.model]), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
         started = time.perf_counter()
@@ -279,6 +294,10 @@ def main():
         data = benches[kind].examples, benches[kind].refs  # the same tokens for every kind
     for kind, variant in pairs:  # warm-up: first calls pay for allocations and kernel selection
         benches[kind].step(variant)
+    if args.profile:
+        for kind, variant in pairs:
+            profile_step(benches[kind], kind, variant, args.profile)
+        return
     times = {pair: [] for pair in pairs}
     for round_index in range(args.rounds):
         shift = round_index % len(pairs)

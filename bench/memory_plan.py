@@ -20,7 +20,7 @@ Modes (surgery.py's flags in brackets):
              bf16 replicated on every GPU under DistributedDataParallel (plus its fp32 gradient buckets, N > 1).
 
 Rows: N GPUs; micro-batch = sequences per forward on each GPU (ceil(batch / (N * grad-accum)) unless
---micro-batch); weights, gradients, AdamW state; "buffers": FSDP2's working set (N > 1: the root group (embedding,
+--micro-batch); weights, gradients, AdamW state; the optimizer step's temporary ("step", below); "buffers": FSDP2's working set (N > 1: the root group (embedding,
 final norm, LM head), which FSDP2 keeps unsharded from forward to backward, two decoder layers gathered at once
 (the current and the prefetched next), and the root group's unsharded gradients before their reduce-scatter), or
 DDP's gradient buckets; activations without and with --grad-checkpointing; totals.
@@ -49,6 +49,10 @@ Surgery forwards the task micro-batch, then its two reference batches (--ref-bat
 harmful and harmless) on every rank, and backpropagates all three in one backward. Autograd runs the references'
 backward first (recorded last, their nodes come first) and frees them before the task loss's: the peak is the
 task's saved tensors plus the larger of the references' activations and the cross-entropy's transient.
+The optimizer step ("step"): AdamW as torch picks it on CUDA (foreach) computes the square root of every second
+moment at once, a temporary the size of one moment (measured on an H200: an 8B full-bf16 run with checkpointing
+peaks there, 74.9 GiB, not in backward). The activations are freed by then: a total is the static part plus the
+larger of the activations and this temporary.
 Not counted: autograd's temporary gradients, allocator fragmentation, the CUDA context (about 0.5-1 GiB): keep
 10-20% of the GPU free. tests/test_memory_plan.py checks the parameter counts against real models and the
 per-layer formulas against the tensors autograd saves in a tiny bf16 Llama on CPU (exact there, with
@@ -186,17 +190,20 @@ def plan_rows(s, mode, gpus, args):
                                   args.answer_fraction)
         if mode == "lora-bf16":
             L = lora_parameters(s, args.lora_rank)
-            row = {"weights": 2 * P + 4 * L, "grads": 4 * L, "optimizer": 8 * L, "buffers": 4 * L if N > 1 else 0}
+            row = {"weights": 2 * P + 4 * L, "grads": 4 * L, "optimizer": 8 * L, "buffers": 4 * L if N > 1 else 0,
+                   "step": 4 * L}
         else:
             w = 2 if mode == "full-bf16" else 4
             row = {"weights": w * P / N, "grads": w * P / N, "optimizer": 2 * w * P / N,
-                   "buffers": (w * (counts["root"] + 2 * counts["layer"]) + w * counts["root"]) if N > 1 else 0}
+                   "buffers": (w * (counts["root"] + 2 * counts["layer"]) + w * counts["root"]) if N > 1 else 0,
+                   "step": w * P / N}
             if mode == "full-fp32":  # autocast's bf16 weight copies, saved for backward
                 plain += 2 * counts["linear"]
                 ckpt += 2 * ((counts["layer"] - 2 * s.h) + counts["lm_head"])
         row.update(gpus=N, micro_batch=micro, act_plain=plain, act_ckpt=ckpt)
         static = row["weights"] + row["grads"] + row["optimizer"] + row["buffers"]
-        row.update(total_plain=static + plain, total_ckpt=static + ckpt)
+        # The activations are freed before the optimizer step, whose temporary may be the larger.
+        row.update(total_plain=static + max(plain, row["step"]), total_ckpt=static + max(ckpt, row["step"]))
         rows.append(row)
     return rows
 
@@ -266,14 +273,14 @@ def main(argv=None):
     print(f"task {args.seq_len} tokens, batch {args.batch_size}, grad-accum {args.grad_accum}; "
           + (f"references 2 x {args.ref_batch} x {args.ref_len} tokens per step" if args.ref_batch else
              "no references (plain SFT)"))
-    head = (f"{'GPUs':>4} {'micro':>5} {'weights':>8} {'grads':>8} {'AdamW':>8} {'buffers':>8} {'act':>8} "
-            f"{'act ckpt':>8} {'total':>8} {'total ckpt':>10}")
+    head = (f"{'GPUs':>4} {'micro':>5} {'weights':>8} {'grads':>8} {'AdamW':>8} {'buffers':>8} {'step':>8} "
+            f"{'act':>8} {'act ckpt':>8} {'total':>8} {'total ckpt':>10}")
     for mode in modes:
         print(f"\n{mode} (GiB per GPU)")
         print(head)
         for row in plan_rows(s, mode, gpus, args):
             print(f"{row['gpus']:>4} {row['micro_batch']:>5} " + " ".join(
-                f"{row[k] / GiB:>8.1f}" for k in ("weights", "grads", "optimizer", "buffers", "act_plain",
+                f"{row[k] / GiB:>8.1f}" for k in ("weights", "grads", "optimizer", "buffers", "step", "act_plain",
                                                   "act_ckpt", "total_plain")) + f" {row['total_ckpt'] / GiB:>10.1f}")
 
 

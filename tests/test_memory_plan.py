@@ -81,6 +81,29 @@ def test_one_process_gradient_and_adamw_bytes_equal_real_training():
     assert row["optimizer"] == adamw_state_bytes(optimizer)
 
 
+def test_the_optimizer_steps_temporary_is_one_second_moment():
+    """AdamW as torch picks it on CUDA (foreach) allocates one temporary per parameter, the size of its second
+    moment, within its step: the plan's "step" column; the totals take the larger of it and the activations."""
+    from torch.profiler import ProfilerActivity, profile
+    config = tiny_config("mistral")
+    for dtype, mode in ((torch.bfloat16, "full-bf16"), (torch.float32, "full-fp32")):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        params = list(model.parameters())
+        optimizer = torch.optim.AdamW(params, foreach=True)
+        for step in range(2):  # the second step: the moments exist before it starts
+            for p in params:
+                p.grad = torch.randn_like(p)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                optimizer.step()
+        allocated = sum(e.self_cpu_memory_usage for e in prof.key_averages() if e.self_cpu_memory_usage > 0)
+        row = plan(config, mode)[0]
+        assert row["step"] == sum(p.numel() * p.element_size() for p in params)
+        assert row["step"] <= allocated <= row["step"] + 4096  # plus a few scalars
+        assert row["total_ckpt"] == row["weights"] + row["grads"] + row["optimizer"] + max(row["act_ckpt"],
+                                                                                           row["step"])
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
