@@ -32,7 +32,7 @@ rank, T = sequence length, d = head_dim, m = bytes of a dropout mask (1 on CUDA:
   full fine-tuning, task batch (padded, so SDPA gets a mask and transformers repeats k, v to n heads):
       16h + 8 (two RMSNorms: fp32 input, bf16 normalised, bf16 output) + 8q (q, repeated k and v, output) + 4n
       (fp32 log-sum-exp) + 2T (SDPA's float copy of the mask) + 8I (MLP: gate, SiLU, up, product)
-  full fine-tuning, reference pass (batch 1, no padding: grouped-query SDPA with the sink channel, d + 8 wide):
+  full fine-tuning, reference pass without padding (grouped-query SDPA with the sink channel, d + 8 wide):
       16h + 8 + 2(n + 2n_kv + n)(d + 8) + 4n + 2q (o_proj's input, copied from the sliced output) + 8I
   LoRA (frozen weights save nothing for their own gradient), task batch with dropout:
       8h + 8 + 3(m + 2)h (q, k, v adapters: mask, dropped input) + 8q + 4n + 2T + (m + 2)q (o adapter) + 8r + 6I
@@ -45,10 +45,11 @@ rank, T = sequence length, d = head_dim, m = bytes of a dropout mask (1 on CUDA:
   backward (10 bytes).
   With --grad-checkpointing each layer keeps only its bf16 input (2h per token); backward recomputes one layer at a
   time, which holds that layer's full activations (counted for the largest pass).
-Surgery forwards the task micro-batch, then its two reference batches (--ref-batch sequences of --ref-len tokens,
-harmful and harmless) on every rank, and backpropagates all three in one backward. Autograd runs the references'
-backward first (recorded last, their nodes come first) and frees them before the task loss's: the peak is the
-task's saved tensors plus the larger of the references' activations and the cross-entropy's transient.
+Surgery forwards the task micro-batch, then its reference draw (--ref-batch harmful and --ref-batch harmless
+sequences of --ref-len tokens, in one batch: counted as padded, since drawn sequences differ in length) on every
+rank, and backpropagates both in one backward. Autograd runs the references' backward first (recorded last, their
+nodes come first) and frees them before the task loss's: the peak is the task's saved tensors plus the larger of
+the references' activations and the cross-entropy's transient.
 The optimizer step ("step"): AdamW as torch picks it on CUDA (foreach) computes the square root of every second
 moment at once, a temporary the size of one moment (measured on an H200: an 8B full-bf16 run with checkpointing
 peaks there, 74.9 GiB, not in backward). The activations are freed by then: a total is the static part plus the
@@ -167,8 +168,9 @@ def activations(s, mode, micro_batch, seq_len, ref_batch, ref_len, lora_rank, an
     answers = math.ceil(answer_fraction * tokens)
     task_layer = layer_activation_bytes(s, tokens, seq_len, kind, False, True, lora_rank, mask_bytes)  # padded
     task_outside = outside_layers_bytes(s, tokens, answers, kind, False)
-    refs = [(ref_batch * ref_len, layer_activation_bytes(s, ref_batch * ref_len, ref_len, kind, True, ref_batch > 1,
-                                                          lora_rank, mask_bytes))] * (2 if ref_batch else 0)
+    # Both reference sets in one batch (surgery.sink_divergence), padded: drawn sequences differ in length.
+    refs = [(2 * ref_batch * ref_len, layer_activation_bytes(s, 2 * ref_batch * ref_len, ref_len, kind, True, True,
+                                                              lora_rank, mask_bytes))] if ref_batch else []
     refs_outside = sum(outside_layers_bytes(s, t, 0, kind, True) for t, _ in refs)
     transient = cross_entropy_transient_bytes(s, answers)
     plain = s.layers * task_layer + task_outside + max(s.layers * sum(b for _, b in refs) + refs_outside, transient)

@@ -91,6 +91,26 @@ def test_fused_penalty_gradient_matches_eager():
     assert (grads["eager"] - grads[surgery.SINK_ATTENTION]).abs().max() < 1e-5
 
 
+def test_divergence_from_one_joint_pass_equals_two_separate_passes():
+    model, tokenizer = tiny_model("qwen2", attn_implementation=surgery.SINK_ATTENTION)
+    surgery.add_lora(model, {"q_proj", "k_proj"}, rank=4, lora_alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for m in surgery.lora_modules(model).values():
+            m.lora_B.normal_(0, 0.1)
+    harmful, harmless = padded_batch(tokenizer, TEXTS[:2]), padded_batch(tokenizer, TEXTS[2:] + TEXTS[1:2])
+    assert harmful["input_ids"].shape[1] != harmless["input_ids"].shape[1]  # the joint batch pads one side
+    results = {}
+    for name, divergence in (("joint", lambda: surgery.sink_divergence(model, harmful, harmless, 0)),
+                             ("separate", lambda: surgery.sink_values(model, harmful, 0) -
+                                                  surgery.sink_values(model, harmless, 0))):
+        model.zero_grad()
+        d = divergence()
+        (surgery.sink_penalty(d) + 0.1 * d.sum()).backward()
+        results[name] = d.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    assert (results["joint"][0] - results["separate"][0]).abs().max() < 1e-6
+    assert max((a - b).abs().max() for a, b in zip(results["joint"][1], results["separate"][1])) < 1e-6
+
+
 # --- 4. the regulariser -------------------------------------------------------------------------------------------
 
 def test_sink_penalty_is_mean_relu_over_all_heads():
