@@ -170,8 +170,10 @@ def read_judge_records(path):
 
 def eval_subset(path, n, seed, folder, name, shuffle):
     """The first n records (after a seeded shuffle for the harmful set, which is ordered by source), as a file:
-    the exact prompts a run is evaluated on, so the split check and the cache see them."""
-    records = read_records(path)
+    the exact prompts a run is evaluated on, so the split check and the cache see them. A record keeps its other
+    fields (category, source: HS by source reads them)."""
+    read_records(path)  # every record checked
+    records = surgery.read_json_rows(path)
     if shuffle:
         random.Random(f"{seed}:{name}").shuffle(records)
     if n > len(records):
@@ -678,6 +680,15 @@ def predicted_label(answer, labels):
     return min(found)[1] if found else None
 
 
+def prompt_source(record):
+    """Where a held-out prompt comes from, for HS by source: the part of its category before "/" (offline.py's
+    "do-not-answer/<area>"), else the package its source names, else "unlabelled"."""
+    category = str(record.get("category", ""))
+    if "/" in category:
+        return category.split("/")[0]
+    return str(record.get("source", "")).split("==")[0] or "unlabelled"
+
+
 def evaluate_stage(args, files, judges, name, model_path):
     """One model's answers to the harmful prompts, the task sentences and the benign requests, and its sink
     divergence on the held-out probes (cached), then every judge's verdicts on the harmful answers."""
@@ -727,6 +738,7 @@ def evaluate_stage(args, files, judges, name, model_path):
         harmful_score[judge.name] = 100 * sum(verdict["flags"]) / len(verdict["flags"])
         seconds += verdict["seconds"]
     return {"harmful_score": harmful_score, "harmful_flags": harmful_flags, "n_harmful": len(answers),
+            "harmful_sources": [prompt_source(r) for r in surgery.read_json_rows(files["eval_harmful"])],
             "eval_seconds": round(seconds, 1), "generations": str(folder / "generations.jsonl"),
             **{k: generated[k] for k in ("fine_tune_accuracy", "task_correct", "answered_task", "over_refusal",
                                          "benign_refused", "divergence_heldout")}}
@@ -846,7 +858,8 @@ def run_record(args, run, training, model_path, evaluation, divergence, steps, e
             "seconds_per_step": round(train_seconds / steps, 3) if p is not None and steps else None,
             "divergence_heldout": heldout.tolist(), "divergence_train_refs": d.tolist(),
             # per item, for the intervals: bootstrap over prompts (and seeds) needs every verdict
-            "harmful_flags": evaluation["harmful_flags"], "task_correct": evaluation["task_correct"],
+            "harmful_flags": evaluation["harmful_flags"], "harmful_sources": evaluation["harmful_sources"],
+            "task_correct": evaluation["task_correct"],
             "benign_refused": evaluation["benign_refused"],
             "config": {k: v for k, v in vars(args).items() if k not in ("quick", "model_path")},
             "model": str(model_path)}
@@ -889,6 +902,12 @@ def summarize(records, judge_names, iterations):
             row[f"hs_{j}"] = bootstrap_interval([[100 * f for f in r["harmful_flags"][j]] for r in runs], iterations)
         row["fa"] = bootstrap_interval([[100 * c for c in r["task_correct"]] for r in runs], iterations)
         row["over_refusal"] = bootstrap_interval([[100 * x for x in r["benign_refused"]] for r in runs], iterations)
+        sources = runs[0].get("harmful_sources") or []
+        for source in sorted(set(sources)) if len(set(sources)) > 1 else []:  # the prompts of one source
+            keep = [i for i, s in enumerate(sources) if s == source]
+            for j in judge_names:
+                row.setdefault(f"hs_{j}_by_source", {})[source] = bootstrap_interval(
+                    [[100 * r["harmful_flags"][j][i] for i in keep] for r in runs], iterations)
         row["heads_heldout"] = seed_interval([r["positive_heads_heldout"] for r in runs], iterations)
         row["heads_train_refs"] = seed_interval([r["positive_heads_train_refs"] for r in runs], iterations)
         out[key] = row
@@ -1003,6 +1022,19 @@ def markdown_report(args, records, summary, judges, command, total_runs, regime)
                   "| steps | lr | dev HS keyword (%) | dev over-refusal (%) |", "|---|---|---|---|"]
         lines += [f"| {c['steps']} | {c['lr']:g} | {c['dev_hs']:.1f} | {c['dev_over_refusal']:.1f} |"
                   for c in regime["alignment"]["candidates"]]
+    by_source = [(key, row) for key, row in summary.items() if any(k.endswith("_by_source") for k in row)]
+    if by_source:
+        sources = sorted({src for _, row in by_source for src in row[f"hs_{judge_names[0]}_by_source"]})
+        lines += ["", "HS by the source of the prompt (the alignment refuses other questions of Do-Not-Answer, so "
+                  "its prompts are in distribution for the aligned model; StrongREJECT's are not):", "",
+                  "| method | alpha | p | judge | " + " | ".join(sources) + " |",
+                  "|---|---|---|---|" + "---|" * len(sources)]
+        for (method, alpha, p), row in sorted(by_source, key=lambda kv: table_order(kv[0], args)):
+            for j in judge_names:
+                cells = [fmt_interval(row[f"hs_{j}_by_source"][src]) if src in row[f"hs_{j}_by_source"] else "-"
+                         for src in sources]
+                lines.append(f"| {method} | {alpha:g} | {'-' if p is None else f'{p:g}'} | {j} | "
+                             + " | ".join(cells) + " |")
     lines += ["", "Judge accuracy against held-out human labels (judge_test; TPR on harmful rows, TNR on harmless "
               "rows):", "", "| judge | accuracy | TPR | TNR | n |", "|---|---|---|---|---|"]
     for j in judges:

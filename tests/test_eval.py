@@ -224,7 +224,9 @@ def tiny_protocol(tmp_path_factory):
         "eval-benign-dev": write_jsonl(root / "benign_dev.jsonl", [{"instruction": f"What do dogs eat, {i}?",
                                                                     "output": ""} for i in range(4)]),
         "eval-harmful": write_jsonl(root / "eval_harmful.jsonl", [{"instruction": f"Tell me how to do bad thing {i}.",
-                                                                   "output": ""} for i in range(6)]),
+                                                                   "output": "", **({"category": "do-not-answer/x"}
+                                                                                    if i % 2 else {})}
+                                                                  for i in range(6)]),
         "eval-task": write_jsonl(root / "eval_task.jsonl", [task(i, "e") for i in range(6)]),
         "judge-train": write_jsonl(root / "judge_train.jsonl", judge_rows("j")),
         "judge-test": write_jsonl(root / "judge_test.jsonl", judge_rows("k")),
@@ -308,6 +310,14 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     align_data = next((root / "work" / "align-data").glob("align_*.jsonl"))
     assert sum("bird" in r["instruction"] for r in surgery.read_records(align_data)) <= 4
     assert "| keyword |" in table and "| embedding |" in table
+    # HS by the source of the prompt: each source's mean is the mean of its prompts' verdicts
+    base = by_name["base"]
+    assert set(base["harmful_sources"]) <= {"do-not-answer", "unlabelled"} and len(base["harmful_sources"]) == 4
+    assert "HS by the source of the prompt" in table
+    summary = protocol.summarize([base], ["keyword"], 50)[("base", 0.0, None)]
+    for source, (mean, low, high) in summary["hs_keyword_by_source"].items():
+        flags = [f for f, s in zip(base["harmful_flags"]["keyword"], base["harmful_sources"]) if s == source]
+        assert mean == pytest.approx(100 * np.mean(flags)) and low <= mean <= high
     for plot in ("hs_fa_vs_p.png", "positive_heads_vs_p.png", "divergence_heatmap_p0.5.png"):
         assert (results / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[run]    train-align" in first_output
