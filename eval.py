@@ -749,7 +749,7 @@ def dev_answered(args, files, key, name, model_path, tokens):
     development files choose the alignment and the attack regime; they never enter a reported number."""
     records = read_records(files[key])
     config = {"stage": "dev", "model": str(model_path), "prompts": file_digest(files[key]), "max_new_tokens": tokens}
-    stage = f"dev-{name}" if key == "eval_harmful_dev" else f"dev-{name}-{key}"
+    stage = f"dev-{key}"  # named by its model and prompts alone: the chosen alignment's figures are reused
 
     def compute(folder):
         model, tokenizer = surgery.load_model(str(model_path), device_for(args))
