@@ -169,7 +169,7 @@ def test_probe_records_are_the_held_out_pairs_in_sinkchecks_format(records):
 
 def test_benign_sets_are_everyday_requests_apart_from_each_other(records):
     align, held_out = records["align_benign"], records["eval_benign"] + records["eval_benign_dev"]
-    assert len(align) == offline.ALIGN_BENIGN_SIZE + offline.ALIGN_QUESTION_SIZE
+    assert len(align) == offline.ALIGN_BENIGN_SIZE + offline.ALIGN_QUESTION_SIZE + offline.ALIGN_OPEN_QUESTION_SIZE
     assert len(records["eval_benign"]) >= 100 and len(records["eval_benign_dev"]) == offline.EVAL_BENIGN_DEV_SIZE
     real = [r for r in held_out if "refusal_scorer" in r["source"] or "normal_instructions" in r["source"]]
     assert len(real) >= 50  # real everyday requests come first, templated ones fill up
