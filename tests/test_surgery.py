@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import surgery
 from conftest import ROOT, ctrl_c_at_step, run_args, write_jsonl
-from tiny import FAMILIES, tiny_model
+from tiny import FAMILIES, add_random_lora, tiny_model
 
 
 def padded_batch(tokenizer, texts):
@@ -71,10 +71,7 @@ def test_recording_leaves_attention_output_unchanged():
 
 def test_fused_penalty_gradient_matches_eager():
     model, tokenizer = tiny_model("mistral")
-    surgery.add_lora(model, {"q_proj", "k_proj", "v_proj"}, rank=4, lora_alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for m in surgery.lora_modules(model).values():
-            m.lora_B.normal_(0, 0.1)
+    add_random_lora(model)
     harmful, harmless = padded_batch(tokenizer, TEXTS[:2]), padded_batch(tokenizer, TEXTS[2:])
     grads = {}
     for impl in ("eager", surgery.SINK_ATTENTION):
@@ -93,10 +90,7 @@ def test_fused_penalty_gradient_matches_eager():
 
 def test_divergence_from_one_joint_pass_equals_two_separate_passes():
     model, tokenizer = tiny_model("qwen2", attn_implementation=surgery.SINK_ATTENTION)
-    surgery.add_lora(model, {"q_proj", "k_proj"}, rank=4, lora_alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for m in surgery.lora_modules(model).values():
-            m.lora_B.normal_(0, 0.1)
+    add_random_lora(model, ("q_proj", "k_proj"))
     harmful, harmless = padded_batch(tokenizer, TEXTS[:2]), padded_batch(tokenizer, TEXTS[2:] + TEXTS[1:2])
     assert harmful["input_ids"].shape[1] != harmless["input_ids"].shape[1]  # the joint batch pads one side
     results = {}
@@ -483,10 +477,7 @@ def test_penalty_and_gradient_are_the_same_with_activation_checkpointing(full):
     if full:
         model.requires_grad_(True)
     else:
-        surgery.add_lora(model, {"q_proj", "k_proj", "v_proj"}, rank=4, lora_alpha=8, dropout=0.0)
-        with torch.no_grad():
-            for m in surgery.lora_modules(model).values():
-                m.lora_B.normal_(0, 0.1)
+        add_random_lora(model)
     model.train()
     harmful, harmless = padded_batch(tokenizer, TEXTS[:2]), padded_batch(tokenizer, TEXTS[2:])
     results = []

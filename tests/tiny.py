@@ -66,6 +66,16 @@ def tiny_model(family="llama", seed=0, attn_implementation="eager", **overrides)
     return model.eval(), tokenizer
 
 
+def add_random_lora(model, targets=("q_proj", "k_proj", "v_proj")):
+    """surgery.py's LoRA adapters (rank 4) with random B, so they change the model and carry gradients."""
+    import surgery
+    surgery.add_lora(model, set(targets), rank=4, lora_alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for m in surgery.lora_modules(model).values():
+            m.lora_B.normal_(0, 0.1)
+    return model
+
+
 def save_tiny(directory, family="llama", dtype=torch.float32, seed=0, **overrides):
     """Write a loadable model folder (model.safetensors, config.json, tokenizer files) and return its path."""
     model, tokenizer = tiny_model(family, seed=seed, **overrides)
