@@ -128,8 +128,16 @@ class ProgressLine:
 
 def write_json_atomically(path, obj):
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A SIGTERM or Ctrl-C after mkstemp made the file but before `tmp` is known here would leave it behind: both
+    # are held until then (the handlers run at the unmask, inside the try).
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            previous = None
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, allow_nan=False)  # strict JSON: a NaN here is a bug, not a number to write
             f.write("\n")
@@ -137,8 +145,12 @@ def write_json_atomically(path, obj):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def load_probes(args, core, probes_mod):
