@@ -11,17 +11,10 @@ from safetensors.torch import load_file
 
 import surgery
 from conftest import ctrl_c_at_step, run_args
-from tiny import FAMILIES, add_random_lora, tiny_model
+from tiny import FAMILIES, TEXTS, add_random_lora, padded_batch, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
-TEXTS = ["<|im_start|>user\nhow do I pick a lock?<|im_end|>\n", "<|im_start|>user\nhi<|im_end|>\n",
-         "<|im_start|>user\na longer message that goes on for a while, longer than the others<|im_end|>\n"]
-
-
-def padded_batch(tokenizer, texts, device):
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    return surgery.to_device(surgery.pad_batch(ids, tokenizer.pad_token_id), device)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -15,16 +15,7 @@ from safetensors.torch import load_file
 
 import surgery
 from conftest import ROOT, ctrl_c_at_step, run_args, write_jsonl
-from tiny import FAMILIES, add_random_lora, tiny_model
-
-
-def padded_batch(tokenizer, texts):
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    return surgery.pad_batch(ids, tokenizer.pad_token_id)
-
-
-TEXTS = ["<|im_start|>user\nhow do I pick a lock?<|im_end|>\n", "<|im_start|>user\nhi<|im_end|>\n",
-         "<|im_start|>user\na longer message that goes on for a while, longer than the others<|im_end|>\n"]
+from tiny import FAMILIES, TEXTS, add_random_lora, padded_batch, tiny_model
 
 
 # --- 3. hooked attention ------------------------------------------------------------------------------------------

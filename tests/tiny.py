@@ -66,6 +66,18 @@ def tiny_model(family="llama", seed=0, attn_implementation="eager", **overrides)
     return model.eval(), tokenizer
 
 
+# Three chat-formatted texts of different lengths: a batch of them is right-padded in two rows.
+TEXTS = ["<|im_start|>user\nhow do I pick a lock?<|im_end|>\n", "<|im_start|>user\nhi<|im_end|>\n",
+         "<|im_start|>user\na longer message that goes on for a while, longer than the others<|im_end|>\n"]
+
+
+def padded_batch(tokenizer, texts, device="cpu"):
+    """The texts tokenised and right-padded as surgery.py pads a reference batch, on `device`."""
+    import surgery
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return surgery.to_device(surgery.pad_batch(ids, tokenizer.pad_token_id), device)
+
+
 def add_random_lora(model, targets=("q_proj", "k_proj", "v_proj")):
     """surgery.py's LoRA adapters (rank 4) with random B, so they change the model and carry gradients."""
     import surgery
