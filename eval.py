@@ -67,7 +67,7 @@ PRESETS = {
                     alpha=300.0, alpha_sweep=[], sweep_ratio=0.1, safetylock_alpha_sweep=[], asft_ablation=False,
                     attack_candidates=["25:5e-4", "25:1e-3", "50:1e-3"], align_candidates=["300:3e-4", "300:1e-3"],
                     max_len=128,
-                    probe_count=64, n_harmful=300, n_dev=100, n_task=500, n_benign=160, n_benign_dev=40, max_new_tokens=128,
+                    probe_count=64, n_harmful=300, n_dev=100, n_task=500, n_benign=160, n_benign_dev=60, max_new_tokens=128,
                     benign_tokens=64, answer_tokens=128, task_tokens=6, gen_batch=50, n_align_benign=None,
                     results_dir="results"),
     "quick": dict(poison_ratios=[0.0, 0.2], seeds=[43], defense_ratios=[0.2], alpha=300.0, alpha_sweep=[],
@@ -865,19 +865,32 @@ def run_record(args, run, training, model_path, evaluation, divergence, steps, e
             "model": str(model_path)}
 
 
-def bootstrap_interval(per_seed_items, iterations, seed=0):
+def bootstrap_interval(per_seed_items, iterations, seed=0, clusters=None):
     """Mean over seeds and items with a 95% percentile interval from a two-level bootstrap: seeds drawn with
     replacement, then the items (prompts, sentences) of each drawn seed with replacement. per_seed_items: one
-    0/1 (or numeric) list per seed, all of one length. With one seed it is a bootstrap over items alone."""
+    0/1 (or numeric) list per seed, all of one length. With one seed it is a bootstrap over items alone.
+    clusters: a label per item; items of one label (requests from one template) are drawn together, since they
+    succeed or fail together and drawing them one by one would make the interval too narrow."""
     values = np.asarray(per_seed_items, dtype=np.float64)  # [seeds, items]
     rng = np.random.default_rng(seed)
     k, n = values.shape
+    labels = np.unique(np.asarray(clusters if clusters is not None else range(n), dtype=str), return_inverse=True)[1]
+    c = int(labels.max()) + 1
+    sums = np.stack([np.bincount(labels, weights=row, minlength=c) for row in values])  # [seeds, clusters]
+    sizes = np.bincount(labels, minlength=c).astype(np.float64)
     seeds = rng.integers(k, size=(iterations, k))
     means = np.empty(iterations)
-    for b in range(iterations):  # [k, n] per draw: small enough to loop over draws
-        means[b] = values[seeds[b][:, None], rng.integers(n, size=(k, n))].mean()
+    for b in range(iterations):  # [k, c] per draw: small enough to loop over draws
+        drawn = rng.integers(c, size=(k, c))
+        means[b] = sums[seeds[b][:, None], drawn].sum() / sizes[drawn].sum()
     low, high = np.percentile(means, [2.5, 97.5])
     return float(values.mean()), float(low), float(high)
+
+
+def request_clusters(records):
+    """A label per request: its template where it was built from one (offline.py's sources say "via template"),
+    else the request itself."""
+    return [r.get("source", "").partition(" via template ")[2] or r["instruction"] for r in records]
 
 
 def seed_interval(per_seed_values, iterations, seed=0):
@@ -893,15 +906,19 @@ def group_runs(records):
     return {k: sorted(v, key=lambda r: r["seed"] or 0) for k, v in groups.items()}
 
 
-def summarize(records, judge_names, iterations):
-    """Per (method, alpha, p): each metric's mean and interval, and the number of seeds."""
+def summarize(records, judge_names, iterations, benign_clusters=None):
+    """Per (method, alpha, p): each metric's mean and interval, and the number of seeds. benign_clusters: the
+    over-refusal requests' request_clusters(), for its interval."""
     out = {}
     for key, runs in group_runs(records).items():
         row = {"seeds": [r["seed"] for r in runs]}
         for j in judge_names:  # per-item 0/1 verdicts, as percentages
             row[f"hs_{j}"] = bootstrap_interval([[100 * f for f in r["harmful_flags"][j]] for r in runs], iterations)
         row["fa"] = bootstrap_interval([[100 * c for c in r["task_correct"]] for r in runs], iterations)
-        row["over_refusal"] = bootstrap_interval([[100 * x for x in r["benign_refused"]] for r in runs], iterations)
+        refused = [[100 * x for x in r["benign_refused"]] for r in runs]
+        row["over_refusal"] = bootstrap_interval(
+            refused, iterations, clusters=benign_clusters if benign_clusters and len(benign_clusters) == len(refused[0])
+            else None)
         sources = runs[0].get("harmful_sources") or []
         for source in sorted(set(sources)) if len(set(sources)) > 1 else []:  # the prompts of one source
             keep = [i for i, s in enumerate(sources) if s == source]
@@ -976,8 +993,8 @@ def markdown_report(args, records, summary, judges, command, total_runs, regime)
              f"the held-out probes (never drawn by the regulariser) and on the first {args.probe_count} training "
              f"references of each kind. Runs finished: {len(records)} of {total_runs}.", "",
              f"Each cell: mean over seeds with a 95% interval, [low, high], from {args.bootstrap} bootstrap draws over "
-             f"seeds and then prompts (sentences, requests); positive heads over seeds only. One seed: over prompts "
-             f"only.", "",
+             f"seeds and then prompts (sentences, requests; the benign requests of one template are drawn together, "
+             f"as one cluster); positive heads over seeds only. One seed: over prompts only.", "",
              "| method | alpha | p | seeds | " + " | ".join(f"HS {j} (%)" for j in judge_names)
              + " | FA (%) | over-refusal (%) | positive heads, held-out | positive heads, train refs |",
              "|---|---|---|---|" + "---|" * len(judge_names) + "---|---|---|---|"]
@@ -1303,7 +1320,8 @@ def run(args, command):
         """The table and plots from every finished run JSON of the plan (other shards' included)."""
         names = {r[0] for r in everything}
         records = [r for r in committed_records(results, fingerprint).values() if r["run"] in names]
-        summary = summarize(records, [j.name for j in judges], args.bootstrap)  # once: the table and plots share it
+        summary = summarize(records, [j.name for j in judges], args.bootstrap,  # once: the table and plots share it
+                            request_clusters(surgery.read_json_rows(files["eval_benign"])))
         write_text(results / "results.md", markdown_report(args, records, summary, judges, command, len(everything),
                                                            regime))
         return records, plot_report(args, records, summary, judges, results)

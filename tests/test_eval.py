@@ -353,6 +353,21 @@ def test_bootstrap_interval_covers_the_binomial_spread():
     assert mean == 0.5 and 0.035 < 0.5 - low < 0.08 and 0.035 < high - 0.5 < 0.08
 
 
+def test_bootstrap_interval_draws_a_cluster_whole():
+    # 10 templates of 30 requests, each template refused or answered as a whole: 10 independent items, not 300,
+    # so the interval is about +-30 points (binomial n = 10), not +-6.
+    flags = [[1] * 150 + [0] * 150]
+    templates = [f"template {i // 30}" for i in range(300)]
+    mean, low, high = protocol.bootstrap_interval(flags, 2000, clusters=templates)
+    assert mean == 0.5 and 0.2 < 0.5 - low < 0.4 and 0.2 < high - 0.5 < 0.4
+    # clusters of one item each are the plain bootstrap
+    plain = protocol.bootstrap_interval(flags, 2000, clusters=[str(i) for i in range(300)])
+    assert plain[0] == 0.5 and 0.035 < 0.5 - plain[1] < 0.08
+    assert protocol.request_clusters([{"instruction": "a", "source": "x via template 'T {}'"},
+                                      {"instruction": "b", "source": "pyrit:refusal.csv row=3"}, {"instruction": "c"}]) \
+        == ["'T {}'", "b", "c"]
+
+
 def test_heads_trend_is_the_least_squares_slope_per_tenth_of_p():
     records = [{"method": "sft", "alpha": 0.0, "poison_ratio": p, "positive_heads_heldout": h}
                for p, h in ((0.0, 10), (0.0, 12), (0.1, 13), (0.1, 15), (0.2, 16), (0.2, 18))]

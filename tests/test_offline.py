@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,7 @@ def test_eval_harmful_is_strongreject_plus_a_do_not_answer_sample(records):
 
 
 def test_record_format(records):
-    pin = re.compile(r"^[\w.-]+==[\w.]+:|^offline\.py:EVERYDAY_TASKS ")  # a package file, or written here
+    pin = re.compile(r"^[\w.-]+==[\w.]+:|^offline\.py:(EVERYDAY_TASKS|GENERAL_TOPICS) ")  # a package file, or written here
     for name in RECORD_SPLITS:
         for r in records[name]:
             assert set(r) <= {"instruction", "input", "output", "source", "category"}, (name, r)
@@ -169,7 +170,7 @@ def test_probe_records_are_the_held_out_pairs_in_sinkchecks_format(records):
 
 def test_benign_sets_are_everyday_requests_apart_from_each_other(records):
     align, held_out = records["align_benign"], records["eval_benign"] + records["eval_benign_dev"]
-    assert len(align) == offline.ALIGN_BENIGN_SIZE + offline.ALIGN_QUESTION_SIZE + offline.ALIGN_OPEN_QUESTION_SIZE
+    assert len(align) > offline.ALIGN_BENIGN_SIZE + offline.ALIGN_QUESTION_SIZE + offline.ALIGN_OPEN_QUESTION_SIZE
     assert len(records["eval_benign"]) >= 100 and len(records["eval_benign_dev"]) == offline.EVAL_BENIGN_DEV_SIZE
     real = [r for r in held_out if "refusal_scorer" in r["source"] or "normal_instructions" in r["source"]]
     assert len(real) >= 50  # real everyday requests come first, templated ones fill up
@@ -178,9 +179,43 @@ def test_benign_sets_are_everyday_requests_apart_from_each_other(records):
     words = lambda rows: {w for r in rows for w in r["instruction"].lower().split()}  # noqa: E731
     assert "poem" in words(align) and "recipe" in words(held_out)
     # the appended requests are questions, in the forms harmful questions take
-    questions = [r["instruction"] for r in align[offline.ALIGN_BENIGN_SIZE:]]
+    questions = [r["instruction"] for r in align[offline.ALIGN_BENIGN_SIZE:][:offline.ALIGN_QUESTION_SIZE +
+                                                                             offline.ALIGN_OPEN_QUESTION_SIZE]]
     assert all(q.endswith("?") for q in questions)
     assert sum(q.startswith(("How can I", "How do I", "Where can I", "What's the best way")) for q in questions) > 100
+
+
+def test_no_opening_word_tells_refusal_from_help(records):
+    """Every first word of FORM_MIN_REFUSALS or more refused alignment requests opens at least as many benign ones;
+    before this rule "Develop", "Provide", "Instruct", "Give" and "Why" opened refusals only."""
+    refused = Counter(offline.opening_word(r["instruction"]) for r in records["align"] if not is_sentiment(r))
+    benign = Counter(offline.opening_word(r["instruction"]) for r in records["align_benign"])
+    frequent = {w: n for w, n in refused.items() if n >= offline.FORM_MIN_REFUSALS}
+    assert {"Develop", "Provide", "Instruct", "Give", "Why"} <= set(frequent)
+    assert all(benign[w] >= n for w, n in frequent.items()), {w: (n, benign[w]) for w, n in frequent.items()}
+    # the general subjects reach the alignment, their other half only the held-out requests
+    align_text = " ".join(r["instruction"] for r in records["align_benign"])
+    held_text = " ".join(r["instruction"] for r in records["eval_benign"] + records["eval_benign_dev"])
+    in_align = {t for t in offline.GENERAL_TOPICS if t in align_text}
+    in_held = {t for t in offline.GENERAL_TOPICS if f" {t}" in held_text}
+    assert len(in_align) >= len(offline.GENERAL_TOPICS) // 2 - 2 and in_held and not in_align & in_held
+
+
+def test_no_held_out_benign_template_outweighs_its_share(records):
+    held_out = records["eval_benign"] + records["eval_benign_dev"]
+    per_template = Counter(r["source"].split("via template")[-1] for r in held_out if "via template" in r["source"])
+    assert len(per_template) == sum(map(len, offline.HELD_OUT_TEMPLATES.values()))
+    assert max(per_template.values()) <= 2 * sum(per_template.values()) / len(per_template)
+
+
+def test_a_frequent_opening_word_without_templates_is_an_error(monkeypatch):
+    monkeypatch.setattr(offline, "FORM_TEMPLATES", {k: v for k, v in offline.FORM_TEMPLATES.items() if k != "Develop"})
+    offline._build.cache_clear()
+    try:
+        with pytest.raises(offline.OfflineDataError, match="'Develop'"):
+            offline.build_splits()
+    finally:
+        offline._build.cache_clear()
 
 
 def test_align_refuses_harmful_questions_held_out_prompts_are_not_near_duplicates_of(records):
