@@ -931,6 +931,27 @@ def summarize(records, judge_names, iterations, benign_clusters=None):
     return out
 
 
+def differences_from_sft(records, judge_names, iterations, benign_clusters=None):
+    """{(method, alpha, p): {metric: (mean, low, high), "seeds": [...]}}: each defense minus SFT at the same p, paired
+    by seed (same train data and order) and by item (same prompt, sentence, request), so that what the two runs
+    share cancels; the interval is bootstrap_interval's over the per-item differences."""
+    sft = {(r["poison_ratio"], r["seed"]): r for r in records if r["method"] == "sft"}
+    metrics = {**{f"hs_{j}": (lambda r, j=j: r["harmful_flags"][j]) for j in judge_names},
+               "fa": lambda r: r["task_correct"], "over_refusal": lambda r: r["benign_refused"]}
+    out = {}
+    for (method, alpha, p), runs in group_runs(records).items():
+        pairs = [(r, sft[(p, r["seed"])]) for r in runs if method != "sft" and (p, r["seed"]) in sft]
+        if not pairs:
+            continue
+        row = {"seeds": [r["seed"] for r, _ in pairs]}
+        for name, items in metrics.items():
+            diffs = [[100 * (x - y) for x, y in zip(items(r), items(s))] for r, s in pairs]
+            row[name] = bootstrap_interval(diffs, iterations, clusters=benign_clusters if name == "over_refusal" and
+                                           benign_clusters and len(benign_clusters) == len(diffs[0]) else None)
+        out[(method, alpha, p)] = row
+    return out
+
+
 def heads_trend(records, method, alpha, iterations, seed=0):
     """The paper's observation, tested: slope of held-out positive heads against p (heads per 0.1 of p) over a
     method's runs, with a 95% interval from resampling the seeds at each p. None with fewer than two ratios."""
@@ -975,7 +996,7 @@ def step_time_vs_sft(record, records):
     return f"{record['seconds_per_step'] / sft['seconds_per_step']:.2f}"
 
 
-def markdown_report(args, records, summary, judges, command, total_runs, regime):
+def markdown_report(args, records, summary, judges, command, total_runs, regime, benign_clusters=None):
     judge_names = [j.name for j in judges]
     preset = "--quick preset: a smoke run, not a result" if args.quick else "default preset"
     steps, lr = regime["steps"], regime["lr"]
@@ -1014,6 +1035,19 @@ def markdown_report(args, records, summary, judges, command, total_runs, regime)
         if trend:
             lines.append(f"- {method}: {trend['slope_per_0.1']:+.2f} heads per 0.1 [{trend['low']:+.2f}, "
                          f"{trend['high']:+.2f}] over {trend['runs']} runs")
+    differences = differences_from_sft(records, judge_names, args.bootstrap, benign_clusters)
+    if differences:
+        lines += ["", "Each defense minus SFT at the same p, paired by seed and by prompt (sentence, request): mean "
+                  "difference in points with its 95% interval; an interval that excludes 0 is a difference these "
+                  "runs resolve:", "",
+                  "| method | alpha | p | seeds | " + " | ".join(f"HS {j}" for j in judge_names)
+                  + " | FA | over-refusal |", "|---|---|---|---|" + "---|" * len(judge_names) + "---|---|"]
+        for key in sorted(differences, key=lambda k: table_order(k, args)):
+            method, alpha, p = key
+            row = differences[key]
+            lines.append(f"| {method} | {alpha:g} | {p:g} | {len(row['seeds'])} | "
+                         + " | ".join(fmt_interval(row[f"hs_{j}"]) for j in judge_names)
+                         + f" | {fmt_interval(row['fa'])} | {fmt_interval(row['over_refusal'])} |")
     lines += ["", "Every run (one seed each):", "",
               "| run | " + " | ".join(f"HS {j}" for j in judge_names)
               + " | FA | over-refusal | heads held-out | heads train refs | train s | step time / SFT | eval s |",
@@ -1320,10 +1354,10 @@ def run(args, command):
         """The table and plots from every finished run JSON of the plan (other shards' included)."""
         names = {r[0] for r in everything}
         records = [r for r in committed_records(results, fingerprint).values() if r["run"] in names]
-        summary = summarize(records, [j.name for j in judges], args.bootstrap,  # once: the table and plots share it
-                            request_clusters(surgery.read_json_rows(files["eval_benign"])))
+        clusters = request_clusters(surgery.read_json_rows(files["eval_benign"]))
+        summary = summarize(records, [j.name for j in judges], args.bootstrap, clusters)  # the table and plots share it
         write_text(results / "results.md", markdown_report(args, records, summary, judges, command, len(everything),
-                                                           regime))
+                                                           regime, clusters))
         return records, plot_report(args, records, summary, judges, results)
 
     def record(run, training, model_path, divergence, extra_seconds=0.0):

@@ -299,6 +299,9 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     table = (results / "results.md").read_text()
     assert "Runs finished: 16 of 16." in table and "| sft | 0 | 0.5 | 2 |" in table
     assert "- sft: " in table and "heads per 0.1" in table
+    # each defense minus SFT, paired by seed: Surgery has two seeds, the others one
+    assert "minus SFT" in table and "| surgery | 300 | 0.5 | 2 |" in table.split("minus SFT")[1]
+    assert "| sap | " in table.split("minus SFT")[1] and "| sft | " not in table.split("minus SFT")[1].split("Every run")[0]
     # SafetyLock is post-hoc: the SFT run's training time (plus milliseconds to apply) and a model with o_proj biases.
     lock, sft = by_name["safetylock_a6_p0.5_s43"], by_name["sft_p0.5_s43"]
     assert 0 <= lock["wall_seconds"]["train"] - sft["wall_seconds"]["train"] < 1
@@ -366,6 +369,22 @@ def test_bootstrap_interval_draws_a_cluster_whole():
     assert protocol.request_clusters([{"instruction": "a", "source": "x via template 'T {}'"},
                                       {"instruction": "b", "source": "pyrit:refusal.csv row=3"}, {"instruction": "c"}]) \
         == ["'T {}'", "b", "c"]
+
+
+def test_differences_from_sft_pair_runs_by_seed_and_prompt():
+    def run(method, seed, flags, refused):
+        return {"method": method, "alpha": 0.0 if method == "sft" else 300.0, "poison_ratio": 0.1, "seed": seed,
+                "harmful_flags": {"keyword": flags}, "task_correct": [1, 1], "benign_refused": refused}
+    records = [run("sft", 43, [1, 1, 0, 1], [0, 0]), run("surgery", 43, [0, 1, 0, 0], [1, 0]),
+               run("sft", 44, [1, 0, 1, 1], [0, 0]), run("surgery", 44, [0, 0, 1, 0], [0, 1]),
+               run("surgery", 45, [0, 0, 0, 0], [0, 0])]  # no SFT at seed 45: left out
+    diff = protocol.differences_from_sft(records, ["keyword"], 500)
+    assert set(diff) == {("surgery", 300.0, 0.1)}
+    row = diff[("surgery", 300.0, 0.1)]
+    assert row["seeds"] == [43, 44]
+    # every prompt Surgery refuses, SFT answered: each paired difference is -100 or 0, mean -50
+    assert row["hs_keyword"][0] == pytest.approx(-50.0) and row["hs_keyword"][2] <= 0
+    assert row["fa"] == pytest.approx((0.0, 0.0, 0.0)) and row["over_refusal"][0] == pytest.approx(50.0)
 
 
 def test_heads_trend_is_the_least_squares_slope_per_tenth_of_p():
