@@ -800,9 +800,10 @@ def full_model_state(model):
 # ----------------------------------------------------------------------------------------------------------------
 
 def write_atomically(path, write):
-    """Write through a temporary name and rename, so a reader never sees a half-written file."""
+    """Write through a temporary name and rename, so a reader never sees a half-written file. The temporary name is
+    the process's own: two processes writing one file (eval.py's shards) each rename a whole file into place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         umask = os.umask(0)

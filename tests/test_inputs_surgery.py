@@ -346,8 +346,21 @@ def check_outputs(out, complete_report):
     return seen
 
 
+def test_two_processes_writing_one_file_both_finish(tmp_path):
+    """eval.py's shards may write the same content-addressed file at once: each renames its own whole file."""
+    target = tmp_path / "shared.jsonl"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import surgery\n"
+            "def slow(tmp):\n    open(tmp, 'w').write('a'); time.sleep(1.0); open(tmp, 'a').write('b')\n"
+            "surgery.write_atomically(sys.argv[2], slow)")
+    children = [subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(target)], env=ENV,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [c.communicate(timeout=120)[1] for c in children]
+    assert [c.returncode for c in children] == [0, 0], errors
+    assert target.read_text() == "ab" and sorted(p.name for p in tmp_path.iterdir()) == ["shared.jsonl"]
+
+
 # What appears in OUT once the final writes have begun (before that, only train_log.jsonl and checkpoint.pt).
-FINAL_WRITES_BEGUN = (".staging", "config.json", ".model.safetensors.tmp", "model.safetensors", ".adapter.tmp")
+FINAL_WRITES_BEGUN = (".staging", "config.json", "model.safetensors", ".adapter.tmp")
 
 
 def test_killed_during_the_final_writes_leaves_outputs_absent_or_complete(env, tmp_path):
