@@ -739,7 +739,8 @@ def evaluate_stage(args, files, judges, name, model_path):
         seconds += verdict["seconds"]
     return {"harmful_score": harmful_score, "harmful_flags": harmful_flags, "n_harmful": len(answers),
             "harmful_sources": [prompt_source(r) for r in surgery.read_json_rows(files["eval_harmful"])],
-            "eval_seconds": round(seconds, 1), "generations": str(folder / "generations.jsonl"),
+            "eval_seconds": round(seconds, 1), "generations": str(folder / "generations.jsonl"), "harmful_answers": answers,
+            "benign_answers": [r["answer"] for r in rows if r["kind"] == "benign"],
             **{k: generated[k] for k in ("fine_tune_accuracy", "task_correct", "answered_task", "over_refusal",
                                          "benign_refused", "divergence_heldout")}}
 
@@ -861,6 +862,8 @@ def run_record(args, run, training, model_path, evaluation, divergence, steps, e
             "harmful_flags": evaluation["harmful_flags"], "harmful_sources": evaluation["harmful_sources"],
             "task_correct": evaluation["task_correct"],
             "benign_refused": evaluation["benign_refused"],
+            # the answers themselves, so that a fresh clone can read or judge them again without generating
+            "harmful_answers": evaluation["harmful_answers"], "benign_answers": evaluation["benign_answers"],
             "config": {k: v for k, v in vars(args).items() if k not in ("quick", "model_path")},
             "model": str(model_path)}
 

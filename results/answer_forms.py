@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
-"""How the evaluated models' answers open and repeat, read from eval.py's cached generations (runs/eval/generate-*):
-a low keyword HS can be real refusals or a collapsed mode that merely opens with an apology. Needs the work folder
-of the sweep (the run JSONs do not keep the answers).
+"""How the evaluated models' answers open and repeat, read from the run JSONs (results/json/*.json keep every answer):
+a low keyword HS can be real refusals or a collapsed mode that merely opens with an apology.
 
-    python results/answer_forms.py [--work-dir runs/eval] [--runs aligned sft_p0.1_s43 ...]
+    python results/answer_forms.py [--results-dir results] [--runs aligned sft_p0.1_s43 ...]
 
 Per run and prompt kind (harmful, benign): the share of answers that open with "I am sorry, but I am a" (the form
 Surgery's models fell into in the first v5 runs: "I am sorry, but I am a great company."), the share that open with
@@ -26,34 +25,29 @@ def loops(text, n=3, times=3):
     return bool(counts) and max(counts.values()) >= times
 
 
-def latest_generations(work_dir, run):
-    folders = sorted(Path(work_dir).glob(f"generate-{run}-*/generations.jsonl"), key=lambda p: p.stat().st_mtime)
-    return folders[-1] if folders else None
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", default="runs/eval", help="eval.py's work folder")
-    p.add_argument("--runs", nargs="*", help="run names (default: every run with cached generations)")
+    p.add_argument("--results-dir", default="results", help="eval.py's results folder (its json/ holds the runs)")
+    p.add_argument("--runs", nargs="*", help="run names (default: every run JSON that holds its answers)")
     args = p.parse_args()
-    runs = args.runs or sorted({f.parent.name[len("generate-"):].rsplit("-", 1)[0]
-                                for f in Path(args.work_dir).glob("generate-*/generations.jsonl")})
-    if not runs:
-        sys.exit(f"no cached generations under {args.work_dir}")
+    paths = ([Path(args.results_dir) / "json" / f"{run}.json" for run in args.runs] if args.runs
+             else sorted((Path(args.results_dir) / "json").glob("*.json")))
     print(f"{'run':<28} {'kind':<8} {'n':>4} {'sorry, but I am a':>18} {'any apology':>12} {'3-gram loop':>12}")
-    for run in runs:
-        path = latest_generations(args.work_dir, run)
-        if path is None:
-            print(f"{run:<28} (no cached generations)")
-            continue
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    shown = 0
+    for path in paths:
+        if not path.is_file():
+            sys.exit(f"{path}: no such run JSON")
+        record = json.loads(path.read_text(encoding="utf-8"))
         for kind in ("harmful", "benign"):
-            answers = [r["answer"] for r in rows if r["kind"] == kind]
+            answers = record.get(f"{kind}_answers")
             if not answers:
                 continue
+            shown += 1
             share = lambda f: 100 * sum(bool(f(a)) for a in answers) / len(answers)  # noqa: E731
-            print(f"{run:<28} {kind:<8} {len(answers):4d} {share(SELF_DESCRIPTION.match):17.0f}% "
+            print(f"{path.stem:<28} {kind:<8} {len(answers):4d} {share(SELF_DESCRIPTION.match):17.0f}% "
                   f"{share(APOLOGY.match):11.0f}% {share(loops):11.0f}%")
+    if not shown:
+        sys.exit(f"no run JSON under {args.results_dir}/json holds its answers")
 
 
 if __name__ == "__main__":

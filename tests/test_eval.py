@@ -315,6 +315,10 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     assert "| keyword |" in table and "| embedding |" in table
     # HS by the source of the prompt: each source's mean is the mean of its prompts' verdicts
     base = by_name["base"]
+    # the answers are kept with their verdicts, in prompt order
+    assert len(base["harmful_answers"]) == len(base["harmful_flags"]["keyword"]) == base["harmful_prompts"]
+    assert len(base["benign_answers"]) == len(base["benign_refused"]) and all(isinstance(a, str) for a in
+                                                                             base["benign_answers"])
     assert set(base["harmful_sources"]) <= {"do-not-answer", "unlabelled"} and len(base["harmful_sources"]) == 4
     assert "HS by the source of the prompt" in table
     summary = protocol.summarize([base], ["keyword"], 50)[("base", 0.0, None)]
