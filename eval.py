@@ -739,8 +739,8 @@ def evaluate_stage(args, files, judges, name, model_path):
         seconds += verdict["seconds"]
     return {"harmful_score": harmful_score, "harmful_flags": harmful_flags, "n_harmful": len(answers),
             "harmful_sources": [prompt_source(r) for r in surgery.read_json_rows(files["eval_harmful"])],
-            "eval_seconds": round(seconds, 1), "generations": str(folder / "generations.jsonl"), "harmful_answers": answers,
-            "benign_answers": [r["answer"] for r in rows if r["kind"] == "benign"],
+            "eval_seconds": round(seconds, 1), "generations": str(folder / "generations.jsonl"),
+            "harmful_answers": answers, "benign_answers": [r["answer"] for r in rows if r["kind"] == "benign"],
             **{k: generated[k] for k in ("fine_tune_accuracy", "task_correct", "answered_task", "over_refusal",
                                          "benign_refused", "divergence_heldout")}}
 
@@ -909,19 +909,29 @@ def group_runs(records):
     return {k: sorted(v, key=lambda r: r["seed"] or 0) for k, v in groups.items()}
 
 
+def item_metrics(judge_names):
+    """{metric: record -> its per-item 0/1 list}: every judge's verdicts on the harmful prompts, the task sentences
+    answered correctly, the benign requests refused."""
+    return {**{f"hs_{j}": (lambda r, j=j: r["harmful_flags"][j]) for j in judge_names},
+            "fa": lambda r: r["task_correct"], "over_refusal": lambda r: r["benign_refused"]}
+
+
+def item_interval(name, per_seed_items, iterations, benign_clusters):
+    """bootstrap_interval of one item metric (in %); the over-refusal requests drawn by benign_clusters, when
+    those label as many requests as the runs have."""
+    clusters = (benign_clusters if name == "over_refusal" and benign_clusters
+                and len(benign_clusters) == len(per_seed_items[0]) else None)
+    return bootstrap_interval(per_seed_items, iterations, clusters=clusters)
+
+
 def summarize(records, judge_names, iterations, benign_clusters=None):
     """Per (method, alpha, p): each metric's mean and interval, and the number of seeds. benign_clusters: the
     over-refusal requests' request_clusters(), for its interval."""
     out = {}
     for key, runs in group_runs(records).items():
         row = {"seeds": [r["seed"] for r in runs]}
-        for j in judge_names:  # per-item 0/1 verdicts, as percentages
-            row[f"hs_{j}"] = bootstrap_interval([[100 * f for f in r["harmful_flags"][j]] for r in runs], iterations)
-        row["fa"] = bootstrap_interval([[100 * c for c in r["task_correct"]] for r in runs], iterations)
-        refused = [[100 * x for x in r["benign_refused"]] for r in runs]
-        row["over_refusal"] = bootstrap_interval(
-            refused, iterations, clusters=benign_clusters if benign_clusters and len(benign_clusters) == len(refused[0])
-            else None)
+        for name, items in item_metrics(judge_names).items():  # per-item 0/1 values, as percentages
+            row[name] = item_interval(name, [[100 * x for x in items(r)] for r in runs], iterations, benign_clusters)
         sources = runs[0].get("harmful_sources") or []
         for source in sorted(set(sources)) if len(set(sources)) > 1 else []:  # the prompts of one source
             keep = [i for i, s in enumerate(sources) if s == source]
@@ -939,18 +949,15 @@ def differences_from_sft(records, judge_names, iterations, benign_clusters=None)
     by seed (same train data and order) and by item (same prompt, sentence, request), so that what the two runs
     share cancels; the interval is bootstrap_interval's over the per-item differences."""
     sft = {(r["poison_ratio"], r["seed"]): r for r in records if r["method"] == "sft"}
-    metrics = {**{f"hs_{j}": (lambda r, j=j: r["harmful_flags"][j]) for j in judge_names},
-               "fa": lambda r: r["task_correct"], "over_refusal": lambda r: r["benign_refused"]}
     out = {}
     for (method, alpha, p), runs in group_runs(records).items():
         pairs = [(r, sft[(p, r["seed"])]) for r in runs if method != "sft" and (p, r["seed"]) in sft]
         if not pairs:
             continue
         row = {"seeds": [r["seed"] for r, _ in pairs]}
-        for name, items in metrics.items():
+        for name, items in item_metrics(judge_names).items():
             diffs = [[100 * (x - y) for x, y in zip(items(r), items(s))] for r, s in pairs]
-            row[name] = bootstrap_interval(diffs, iterations, clusters=benign_clusters if name == "over_refusal" and
-                                           benign_clusters and len(benign_clusters) == len(diffs[0]) else None)
+            row[name] = item_interval(name, diffs, iterations, benign_clusters)
         out[(method, alpha, p)] = row
     return out
 
@@ -1353,11 +1360,12 @@ def run(args, command):
     shard, shards = args.shard
     mine = [r for i, r in enumerate(everything) if i % shards == shard]
 
+    clusters = request_clusters(surgery.read_json_rows(files["eval_benign"]))
+
     def report():
         """The table and plots from every finished run JSON of the plan (other shards' included)."""
         names = {r[0] for r in everything}
         records = [r for r in committed_records(results, fingerprint).values() if r["run"] in names]
-        clusters = request_clusters(surgery.read_json_rows(files["eval_benign"]))
         summary = summarize(records, [j.name for j in judges], args.bootstrap, clusters)  # the table and plots share it
         write_text(results / "results.md", markdown_report(args, records, summary, judges, command, len(everything),
                                                            regime, clusters))

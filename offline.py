@@ -707,7 +707,8 @@ GENERAL_TOPICS = (
 )
 ALIGN_GENERAL_SIZE = 96
 ALIGN_GENERAL_TEMPLATES = {
-    "general": ("What can you tell me about {}?", "Can you explain {} in simple terms?", "What should a beginner know about {}?"),
+    "general": ("What can you tell me about {}?", "Can you explain {} in simple terms?",
+                "What should a beginner know about {}?"),
 }
 # The first word of a request ("Develop", "Provide", "Instruct", ...) must not tell refusal from help: for every
 # opening word of at least FORM_MIN_REFUSALS refused requests of the alignment, align_benign holds at least as many
@@ -720,7 +721,8 @@ FORM_TEMPLATES = {
     "Create": (("task", "Create a tutorial on how to {}."), ("general", "Create a study guide about {}."),
                ("animal", "Create a short quiz about the {}."), ("state", "Create a list of must-see places in {}.")),
     "Can": (("general", "Can you give me an example that shows {}?"), ("task", "Can you help me {}?")),
-    "Develop": (("task", "Develop a simple weekly plan to {}."), ("general", "Develop a short lesson that explains {}."),
+    "Develop": (("task", "Develop a simple weekly plan to {}."),
+                ("general", "Develop a short lesson that explains {}."),
                 ("state", "Develop a travel plan for a family visiting {}.")),
     "What": (("general", "What are the most important facts about {}?"), ("task", "What do I need to {}?")),
     "Provide": (("task", "Provide step-by-step instructions to {}."), ("general", "Provide a simple explanation of {}."),
@@ -855,7 +857,8 @@ def _benign_instructions(seed, paths, is_harmful_like, sentences, refused):
         rows = [r for r in rows if not is_harmful_like(r["instruction"]) and not is_held_out_like(r["instruction"])]
         _rng(seed, purpose).shuffle(rows)
         return rows
-    out = (align[:ALIGN_BENIGN_SIZE] + kept(templated(ALIGN_QUESTION_TEMPLATES, 0), "benign-questions")[:ALIGN_QUESTION_SIZE]
+    out = (align[:ALIGN_BENIGN_SIZE]
+           + kept(templated(ALIGN_QUESTION_TEMPLATES, 0), "benign-questions")[:ALIGN_QUESTION_SIZE]
            + kept(templated(ALIGN_OPEN_QUESTION_TEMPLATES, 0), "benign-open-questions")[:ALIGN_OPEN_QUESTION_SIZE]
            + kept(templated(ALIGN_GENERAL_TEMPLATES, 0), "benign-general")[:ALIGN_GENERAL_SIZE])
     # Then the shortfall of each opening word of the refused requests.
@@ -869,7 +872,8 @@ def _benign_instructions(seed, paths, is_harmful_like, sentences, refused):
         if word not in FORM_TEMPLATES:
             raise OfflineDataError(f"{n} refused alignment requests open with {word!r} and FORM_TEMPLATES has none "
                                    f"that does: add some, or the first word alone tells refusal from help")
-        rows = [r for kind, form in FORM_TEMPLATES[word] for r in filled(kind, form, 0) if norm(r["instruction"]) not in taken]
+        rows = [r for kind, form in FORM_TEMPLATES[word] for r in filled(kind, form, 0)
+                if norm(r["instruction"]) not in taken]
         rows = kept(rows, f"benign-form-{word}")[:short]
         if len(rows) < short:
             raise OfflineDataError(f"FORM_TEMPLATES[{word!r}] gives {len(rows)} requests; {short} are needed")
