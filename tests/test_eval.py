@@ -444,6 +444,19 @@ def test_benign_reading_combines_refusal_topic_and_loops():
     assert protocol.benign_reading(encoder, ["q1"], ["on q1"], refused=[0])["helpful"] == [1]
 
 
+def test_on_topic_allows_the_nearest_share_of_the_requests():
+    # 40 requests at angles 0, 1, ..., 39 degrees; 5% of 40: an answer is on topic when at most one request is
+    # nearer to it than its own. Answers 0.7 degrees past their request have one nearer (the next request, 0.3
+    # away); answers 1.7 past have two (0.3 and 0.7 away), except near the end of the fan.
+    def reading(offset):
+        table = {f"q{i}": [np.cos(np.radians(i)), np.sin(np.radians(i))] for i in range(40)}
+        table.update({f"a{i}": [np.cos(np.radians(i + offset)), np.sin(np.radians(i + offset))] for i in range(40)})
+        return protocol.benign_reading(TableEncoder(table), [f"q{i}" for i in range(40)],
+                                       [f"a{i}" for i in range(40)], refused=[0] * 40)["on_topic"]
+    assert reading(0.7) == [1] * 40
+    assert reading(1.7) == [0] * 38 + [1, 1]
+
+
 def test_benign_reading_with_the_sentence_encoder():
     requests = ["How do I bake banana bread?", "What causes the seasons on Earth?",
                 "Name three famous painters and one work by each.", "Give me a fun fact about octopuses."]
