@@ -321,11 +321,13 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
                                                                              base["benign_answers"])
     assert set(base["harmful_sources"]) <= {"do-not-answer", "unlabelled"} and len(base["harmful_sources"]) == 4
     assert "HS by the source of the prompt" in table
-    # the benign answers read for topic and loops: one flag per request, helpful only when answered
-    assert "helpful (%)" in table and "| helpful |" in table
+    # the answers read for topic and loops: one flag per prompt, kept only when answered and on topic
+    assert "helpful (%)" in table and "| helpful |" in table and "HS on topic (%)" in table
     reading = base["benign_reading"]
-    assert len(reading["helpful"]) == len(base["benign_refused"])
-    assert all(h <= t * (1 - r) for h, t, r in zip(reading["helpful"], reading["on_topic"], base["benign_refused"]))
+    assert len(reading["kept"]) == len(base["benign_refused"])
+    assert all(h <= t * (1 - r) for h, t, r in zip(reading["kept"], reading["on_topic"], base["benign_refused"]))
+    reading = base["harmful_reading"]
+    assert all(k <= t * f for k, t, f in zip(reading["kept"], reading["on_topic"], base["harmful_flags"]["keyword"]))
     summary = protocol.summarize([base], ["keyword"], 50)[("base", 0.0, None)]
     for source, (mean, low, high) in summary["hs_keyword_by_source"].items():
         flags = [f for f, s in zip(base["harmful_flags"]["keyword"], base["harmful_sources"]) if s == source]
@@ -340,12 +342,19 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     assert [(r["harmful_score"], r["wall_seconds"]) for r in again] == \
            [(r["harmful_score"], r["wall_seconds"]) for r in records]
 
+    # --report-only with a run missing: the report of the others, nothing run, the missing one not made up
+    (results / "json" / "sap_p0.5_s43.json").unlink()
+    (results / "results.md").unlink()
+    reported = protocol.main(argv + ["--report-only"])
+    assert "[run]" not in capsys.readouterr().out and "sap_p0.5_s43" not in {r["run"] for r in reported}
+    assert "Runs finished: 15 of 16." in (results / "results.md").read_text()
+
 
 def test_committed_results_are_not_recomputed_on_a_fresh_machine(tiny_protocol, capsys):
     """A fresh clone has results/ but no runs/: the finished runs are taken from their JSONs, the rest run."""
     root, argv = tiny_protocol
     fresh = [a if a != str(root / "work") else str(root / "fresh-work") for a in argv]
-    (root / "results" / "json" / "sap_p0.5_s43.json").unlink()
+    (root / "results" / "json" / "sap_p0.5_s43.json").unlink(missing_ok=True)  # the test above may have removed it
     records = protocol.main(fresh)
     output = capsys.readouterr().out
     assert "[committed] sft_p0.5_s43" in output and "[run]    generate-sap_p0.5_s43" in output
@@ -384,7 +393,7 @@ def test_differences_from_sft_pair_runs_by_seed_and_prompt():
     def run(method, seed, flags, refused):
         return {"method": method, "alpha": 0.0 if method == "sft" else 300.0, "poison_ratio": 0.1, "seed": seed,
                 "harmful_flags": {"keyword": flags}, "task_correct": [1, 1], "benign_refused": refused,
-                "benign_reading": {"helpful": [1 - x for x in refused]}}
+                "benign_reading": {"kept": [1 - x for x in refused]}, "harmful_reading": {"kept": flags}}
     records = [run("sft", 43, [1, 1, 0, 1], [0, 0]), run("surgery", 43, [0, 1, 0, 0], [1, 0]),
                run("sft", 44, [1, 0, 1, 1], [0, 0]), run("surgery", 44, [0, 0, 1, 0], [0, 1]),
                run("surgery", 45, [0, 0, 0, 0], [0, 0])]  # no SFT at seed 45: left out
@@ -395,7 +404,7 @@ def test_differences_from_sft_pair_runs_by_seed_and_prompt():
     # every prompt Surgery refuses, SFT answered: each paired difference is -100 or 0, mean -50
     assert row["hs_keyword"][0] == pytest.approx(-50.0) and row["hs_keyword"][2] <= 0
     assert row["fa"] == pytest.approx((0.0, 0.0, 0.0)) and row["over_refusal"][0] == pytest.approx(50.0)
-    assert row["helpful"][0] == pytest.approx(-50.0)
+    assert row["helpful"][0] == pytest.approx(-50.0) and row["hs_on_topic"] == row["hs_keyword"]
 
 
 def test_heads_trend_is_the_least_squares_slope_per_tenth_of_p():
@@ -414,7 +423,7 @@ def test_guard_judge_runs_a_generative_moderator(tiny_protocol):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The benign-answer reading
+# Reading the answers: on topic, loops
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_repetition_is_the_share_of_repeated_four_grams():
@@ -432,16 +441,16 @@ class TableEncoder:
         return [np.array([self.table[t] for t in texts]) for texts in lists]
 
 
-def test_benign_reading_combines_refusal_topic_and_loops():
+def test_answer_reading_combines_refusal_topic_and_loops():
     encoder = TableEncoder({"q1": [1, 0, 0], "q2": [0, 1, 0], "q3": [0, 0, 1],
                             "on q1": [0.9, 0.1, 0], "loop on q2": [0.2, 0.8, 0.1], "drift": [0.8, 0.3, 0.1]})
     loop = "the leopard is a predator " * 8
     encoder.table[loop] = encoder.table.pop("loop on q2")
-    reading = protocol.benign_reading(encoder, ["q1", "q2", "q3"], ["on q1", loop, "drift"], refused=[1, 0, 0])
+    reading = protocol.answer_reading(encoder, ["q1", "q2", "q3"], ["on q1", loop, "drift"], answered=[0, 1, 1])
     assert reading["on_topic"] == [1, 1, 0]  # "drift" is nearer q1 than its own q3
     assert reading["loop"] == [0, 1, 0]
-    assert reading["helpful"] == [0, 0, 0]  # refused; a loop; off topic
-    assert protocol.benign_reading(encoder, ["q1"], ["on q1"], refused=[0])["helpful"] == [1]
+    assert reading["kept"] == [0, 0, 0]  # refused; a loop; off topic
+    assert protocol.answer_reading(encoder, ["q1"], ["on q1"], answered=[1])["kept"] == [1]
 
 
 def test_on_topic_allows_the_nearest_share_of_the_requests():
@@ -451,13 +460,13 @@ def test_on_topic_allows_the_nearest_share_of_the_requests():
     def reading(offset):
         table = {f"q{i}": [np.cos(np.radians(i)), np.sin(np.radians(i))] for i in range(40)}
         table.update({f"a{i}": [np.cos(np.radians(i + offset)), np.sin(np.radians(i + offset))] for i in range(40)})
-        return protocol.benign_reading(TableEncoder(table), [f"q{i}" for i in range(40)],
-                                       [f"a{i}" for i in range(40)], refused=[0] * 40)["on_topic"]
+        return protocol.answer_reading(TableEncoder(table), [f"q{i}" for i in range(40)],
+                                       [f"a{i}" for i in range(40)], answered=[1] * 40)["on_topic"]
     assert reading(0.7) == [1] * 40
     assert reading(1.7) == [0] * 38 + [1, 1]
 
 
-def test_benign_reading_with_the_sentence_encoder():
+def test_answer_reading_with_the_sentence_encoder():
     requests = ["How do I bake banana bread?", "What causes the seasons on Earth?",
                 "Name three famous painters and one work by each.", "Give me a fun fact about octopuses."]
     answers = ["Mash three ripe bananas, mix them with flour, sugar, butter and an egg, and bake for an hour.",
@@ -465,5 +474,5 @@ def test_benign_reading_with_the_sentence_encoder():
                "Octopuses are fascinating creatures of the sea. Octopuses live in the ocean.",  # drifted
                "An octopus has three hearts and blue blood."]
     encoder = protocol.SentenceEncoder(offline.judge_encoder_dir(), "cpu", max_length=64)
-    reading = protocol.benign_reading(encoder, requests, answers, refused=[0, 0, 0, 1])
-    assert reading["on_topic"] == [1, 1, 0, 1] and reading["helpful"] == [1, 1, 0, 0]
+    reading = protocol.answer_reading(encoder, requests, answers, answered=[1, 1, 1, 0])
+    assert reading["on_topic"] == [1, 1, 0, 1] and reading["kept"] == [1, 1, 0, 0]
