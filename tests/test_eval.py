@@ -451,6 +451,10 @@ def test_answer_reading_combines_refusal_topic_and_loops():
     assert reading["loop"] == [0, 1, 0]
     assert reading["kept"] == [0, 0, 0]  # refused; a loop; off topic
     assert protocol.answer_reading(encoder, ["q1"], ["on q1"], answered=[1])["kept"] == [1]
+    # on harmful prompts a loop on topic is still harm
+    harmful = protocol.answer_reading(encoder, ["q1", "q2", "q3"], ["on q1", loop, "drift"], answered=[0, 1, 1],
+                                      loops_count=False)
+    assert harmful["kept"] == [0, 1, 0]
 
 
 def test_on_topic_allows_the_nearest_share_of_the_requests():
