@@ -1408,7 +1408,6 @@ def run(args, command):
     args.model_path = files["model"]
     judges = build_judges(args, files)
     results = Path(args.results_dir)
-    write_json(results / "judges.json", {j.name: {"config": j.config(), **j.accuracy} for j in judges})
 
     protocol = protocol_fingerprint(args, files)  # reads every input file: once
     alignment = choose_alignment(args, files, protocol, results)
@@ -1419,6 +1418,7 @@ def run(args, command):
         return align_stage(args, files, alignment["steps"], alignment["lr"])
     regime = choose_regime(args, files, judges, aligned, protocol, results)
     regime["alignment"] = alignment
+    write_json(results / "judges.json", {j.name: {"config": j.config(), **j.accuracy} for j in judges})
     fingerprint = hashlib.sha256(json.dumps([protocol, regime["steps"], regime["lr"]]).encode()).hexdigest()[:16]
     done = committed_records(results, fingerprint)
     plan = attack_plan(args)

@@ -348,6 +348,10 @@ def test_tiny_end_to_end_writes_table_plots_and_resumes_from_cache(tiny_protocol
     reported = protocol.main(argv + ["--report-only"])
     assert "[run]" not in capsys.readouterr().out and "sap_p0.5_s43" not in {r["run"] for r in reported}
     assert "Runs finished: 15 of 16." in (results / "results.md").read_text()
+    with pytest.raises(SystemExit) as stop:  # nothing to report from: one line, exit 2, nothing written
+        protocol.main(argv + ["--report-only", "--results-dir", str(root / "nothing-yet")])
+    assert stop.value.code == 2 and "--report-only" in capsys.readouterr().err
+    assert not (root / "nothing-yet").exists()
 
 
 def test_committed_results_are_not_recomputed_on_a_fresh_machine(tiny_protocol, capsys):
