@@ -530,7 +530,7 @@ def choose_l2(features, labels, groups, candidates=(0.01, 0.1, 1.0, 10.0), folds
 
 class SentenceEncoder:
     """all-MiniLM-style sentence vectors: the mean of the token states over the attention mask, L2-normalised (the
-    sentence-transformers recipe). Shared by the embedding judge and the benign-answer reading."""
+    sentence-transformers recipe). Shared by the embedding judge and answer_reading."""
 
     def __init__(self, encoder_dir, device, batch_size=32, max_length=256):
         self.encoder_dir, self.device = str(encoder_dir), device
@@ -979,7 +979,7 @@ def item_interval(name, per_seed_items, iterations, benign_clusters):
 
 def summarize(records, judge_names, iterations, benign_clusters=None):
     """Per (method, alpha, p): each metric's mean and interval, and the number of seeds. benign_clusters: the
-    over-refusal requests' request_clusters(), for its interval."""
+    benign requests' request_clusters(), for the intervals of over-refusal and helpful."""
     out = {}
     for key, runs in group_runs(records).items():
         row = {"seeds": [r["seed"] for r in runs]}
@@ -1130,7 +1130,8 @@ def markdown_report(args, records, summary, judges, command, total_runs, regime,
         lines.append(f"| {r['run']} | " + " | ".join(f"{r['harmful_score'][j]:.1f}" for j in judge_names)
                      + f" | {100 * np.mean(r['harmful_reading']['kept']):.1f} | {r['fine_tune_accuracy']:.1f} | "
                        f"{r['over_refusal']:.1f} | "
-                       + " | ".join(f"{100 * np.mean(r['benign_reading'][k]):.1f}" for k in ("kept", "on_topic", "loop"))
+                       + " | ".join(f"{100 * np.mean(r['benign_reading'][k]):.1f}"
+                                    for k in ("kept", "on_topic", "loop"))
                        + f" | {r['positive_heads_heldout']} | "
                        f"{r['positive_heads_train_refs']} | {r['wall_seconds']['train']:.0f} | "
                        f"{step_time_vs_sft(r, records)} | {r['wall_seconds']['evaluate']:.0f} |")
@@ -1176,8 +1177,9 @@ def fmt_rate(rate):
 
 
 def plot_report(args, records, summary, judges, out):
-    """PNG files: HS, FA, over-refusal and helpful answers vs p per method, positive heads vs p (held-out probes), with 95%
-    intervals as error bars; divergence heatmaps of SFT and Surgery at the sweep ratio. summary: summarize()'s."""
+    """PNG files: HS, FA, over-refusal and helpful answers vs p per method, positive heads vs p (held-out probes),
+    with 95% intervals as error bars; divergence heatmaps of SFT and Surgery at the sweep ratio. summary:
+    summarize()'s."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
