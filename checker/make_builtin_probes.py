@@ -1,4 +1,4 @@
-"""Writes sinkcheck's built-in probe set, checker/sinkcheck/data/builtin_probes.jsonl, from offline.py.
+"""Writes sinkcheck's built-in probe set, checker/sinkcheck/data/builtin_probes.jsonl, from the offline package.
 
 The records are offline.probe_records(seed): held-out probe pairs, paired by instruction (the same harmful
 instruction answered once with its harmful answer cut to the refusal's length, once with a real refusal), built
@@ -8,7 +8,7 @@ that sinkcheck skips, naming the generator and the licences.
 
     .venv/bin/python checker/make_builtin_probes.py [--seed 0] [--out checker/sinkcheck/data/builtin_probes.jsonl]
 
-The output is committed; run this again (and commit) when offline.py's probe pairs change.
+The output is committed; run this again (and commit) when the offline package's probe pairs change.
 """
 import argparse
 import json
@@ -46,8 +46,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import offline
+    from common import write_text
     records = offline.probe_records(args.seed)
-    offline.write_atomically(args.out, render(records, args.seed))
+    write_text(args.out, render(records, args.seed))
     print(f"wrote {args.out}: {sum(r['harmful'] for r in records)} harmful, "
           f"{sum(not r['harmful'] for r in records)} harmless records")
 

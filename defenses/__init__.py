@@ -1,4 +1,4 @@
-"""The comparison defenses of METHOD.md section 3, beside Surgery (surgery.py) and on the same LoRA loop.
+"""The comparison defenses of docs/METHOD.md section 3, beside Surgery (surgery.py) and on the same LoRA loop.
 
     asft.py        AsFT: L = L_task + lambda * sum_m ||(I - C_m) B_m A_m||_F^2, the LoRA update kept along the
                    alignment direction V_m = W_aligned - W_base (an `extra_loss`)
@@ -15,7 +15,7 @@ import argparse
 import sys
 
 import surgery
-from surgery import UserError
+from common import ArgumentParser, UserError, read_json_rows
 
 TRIPLE_KEYS = ("instruction", "refusal", "harmful_answer")
 
@@ -23,7 +23,7 @@ TRIPLE_KEYS = ("instruction", "refusal", "harmful_answer")
 def read_triples(path):
     """(instruction, refusal, harmful answer) records from a JSON list or JSONL file (offline.safety_triples's
     format; `safe`/`unsafe` are accepted for the two answers)."""
-    rows = surgery.read_json_rows(path)
+    rows = read_json_rows(path)
     triples = []
     for i, row in enumerate(rows, start=1):
         row = row if isinstance(row, dict) else {}
@@ -80,7 +80,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def loop_parser(prog, description, epilog=""):
-    return surgery.ArgumentParser(
+    return ArgumentParser(
         prog=prog, usage=f"{prog} [options] -- [surgery.py options]", description=description,
         formatter_class=HelpFormatter,
         epilog=(epilog + " " if epilog else "") + "Everything after `--` goes to surgery.py (see `python surgery.py "

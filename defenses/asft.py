@@ -31,7 +31,7 @@ import torch
 
 import surgery
 from defenses import loop_parser, run_in_loop
-from surgery import UserError
+from common import UserError
 
 
 def outside_alignment_penalty(V, V_norm, B, A):
@@ -90,7 +90,7 @@ class AsFT(surgery.Defense):
     def setup(self, model, tokenizer, args):
         adapted = surgery.lora_modules(model)
         if not adapted:
-            raise surgery.UserError("AsFT penalises the LoRA update B A of each adapted layer: run it without --full")
+            raise UserError("AsFT penalises the LoRA update B A of each adapted layer: run it without --full")
         names = [f"{name}.weight" for name in adapted]
         aligned_dir = self.aligned_dir or args.model
         aligned, base = read_weights(aligned_dir, names), read_weights(self.base_dir, names)
@@ -135,7 +135,7 @@ def main(argv=None):
     parser = loop_parser(
         "python -m defenses.asft",
         "AsFT: LoRA fine-tuning with the penalty lambda * sum_m ||(I - C_m) B_m A_m||_F^2, C_m = V_m V_m^T / "
-        "||V_m||_F, V_m = W_aligned - W_base per adapted layer (METHOD.md section 3).",
+        "||V_m||_F, V_m = W_aligned - W_base per adapted layer (docs/METHOD.md section 3).",
         epilog="Paper settings: --lora-targets q_proj,v_proj --lora-rank 8 --lora-alpha 32 --lr 5e-5.")
     parser.add_argument("--base", required=True, help="model folder before alignment (W_base)")
     parser.add_argument("--aligned", help="aligned model folder (W_aligned); default: surgery.py's --model, "

@@ -28,7 +28,6 @@ o_proj bias in a folder, so lock those in memory with apply(model, lock)).
 K: 24 of the 1024 heads of a 7-8B Llama (2.3%); by default the same share of this model's heads, at least one:
 SmolLM2-135M's 270 heads (30 layers x 9) give K = 6. alpha defaults to 6 as in the paper.
 """
-import argparse
 import json
 import math
 import os
@@ -44,7 +43,8 @@ import torch.nn.functional as F
 
 import surgery
 from defenses import HelpFormatter, load_triples
-from surgery import UserError
+from checks import check_writable_folder
+from common import ArgumentParser, UserError, write_atomically
 
 DEFAULT_ALPHA = 6.0
 POSITIONS = 5
@@ -234,7 +234,7 @@ def build(model_dir, triples=None, heads=None, alpha=DEFAULT_ALPHA, positions=PO
 def save_lock(path, lock):
     from safetensors.torch import save_file
     tensors = {f"{name}.displacement": v.contiguous() for name, v in lock["displacements"].items()}
-    surgery.write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={
         "format": "pt", "safetylock": json.dumps(lock["meta"])}))
     return Path(path)
 
@@ -321,7 +321,7 @@ def apply_to_folder(folder, lock, out, alpha):
         raise UserError(f"--out {out} is the model folder itself: the locked model goes to another folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, expected a folder (replaced whole if it exists)")
-    surgery.check_writable_folder("--out", out.parent)
+    check_writable_folder("--out", out.parent)
     config = AutoConfig.from_pretrained(folder)
     check_fits(lock, config, str(folder))
     tensors, metadata = read_checkpoint(folder)
@@ -390,7 +390,7 @@ def check_lock_target(path):
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--out {path}: is a folder, expected the name of the lock file to write")
-    surgery.check_writable_folder("--out", path.parent)
+    check_writable_folder("--out", path.parent)
 
 
 def check_device(name):
@@ -403,10 +403,10 @@ def check_device(name):
 
 
 def main(argv=None):
-    parser = surgery.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m defenses.safetylock", formatter_class=HelpFormatter,
         description="SafetyLock: build a lock (per-head safety directions) from an aligned model, or apply one "
-                    "to a fine-tuned model of the same family (METHOD.md section 3).",
+                    "to a fine-tuned model of the same family (docs/METHOD.md section 3).",
         epilog="Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 130 interrupted.")
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build", formatter_class=HelpFormatter,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import surgery
 from defenses import load_triples, loop_parser, run_in_loop
-from surgery import UserError
+from common import UserError
 
 RELEASED_LAYERS, RELEASED_DEPTH = (3, 9), 32
 
@@ -240,7 +240,7 @@ def main(argv=None):
         "python -m defenses.sap",
         "SAP: LoRA fine-tuning with a safety-aware probe on the hidden states, stepped each step by the "
         "difference of the task loss's probe gradients at theta + delta (towards unsafe) and at theta "
-        "(METHOD.md section 3).",
+        "(docs/METHOD.md section 3).",
         epilog="Released-code settings: --lora-targets q_proj,v_proj --lora-rank 8 --lora-alpha 8 --lora-dropout 0.1 "
                "--lr 1e-4.")
     parser.add_argument("--triples", help="JSON/JSONL (instruction, refusal, harmful_answer) records "

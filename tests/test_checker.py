@@ -355,7 +355,7 @@ def test_builtin_probes_audit_a_plain_folder(tmp_path):
 def test_builtin_probe_file_is_paired_held_out_and_current():
     """The packaged file: harmful and refusal answers to the same instructions, matched in length, every record
     with its source; no instruction of the evaluation splits or of Surgery's reference pairs; and it is what
-    checker/make_builtin_probes.py writes from offline.py today."""
+    checker/make_builtin_probes.py writes from the offline package today."""
     offline = pytest.importorskip("offline")
     from sinkcheck import probes as probes_mod
     lines = [json.loads(l) for l in probes_mod.builtin_path().read_text(encoding="utf-8").splitlines()]

@@ -10,7 +10,7 @@ import torch
 import surgery
 from conftest import ctrl_c_at_step, run_args, write_jsonl
 from defenses import asft, read_triples, safetylock, sap
-from surgery import UserError
+from common import UserError
 from tiny import save_tiny, tiny_model
 
 TRIPLES = [{"instruction": f"Tell me how to do harmful thing {i}.",

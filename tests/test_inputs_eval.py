@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 import eval as protocol
+import checks
+import surgery
 from conftest import write_jsonl
+from evaluation.data import check_references, check_splits, resolve_inputs
+from evaluation.training import train_stage
 from input_helpers import AS_ROOT, assert_rejected, bad_models, bad_record_files, fill, run_forked, tree, write_bytes
 
 
@@ -220,14 +224,15 @@ def test_bad_input(env, tmp_path, name):
 
 
 def test_the_rows_start_from_a_good_command(env, tmp_path):
-    """The good command's inputs pass every check a row trips (the end-to-end run is tests/test_eval.py's)."""
+    """The good command's inputs pass every check a row trips (the end-to-end run is
+    tests/test_evaluation_pipeline.py's)."""
     args = protocol.parse_args(fill(GOOD, paths(env, tmp_path)))
     protocol.validate(args)
-    protocol.surgery.check_model(args.model)
-    files = protocol.resolve_inputs(args)
-    protocol.check_splits(files)
-    protocol.check_references(args, files, protocol.surgery.check_model(args.model))
-    assert len(protocol.read_records(files["eval_task"])) == 4
+    checks.check_model(args.model)
+    files = resolve_inputs(args)
+    check_splits(files)
+    check_references(args, files, checks.check_model(args.model))
+    assert len(surgery.read_records(files["eval_task"])) == 4
 
 
 def test_help_states_the_exit_codes():
@@ -243,8 +248,8 @@ def test_a_stage_killed_before_its_stage_json_runs_again(env, tmp_path):
     args = protocol.parse_args(["--quick", "--work-dir", str(tmp_path / "work"), "--max-len", "64", "--batch-size",
                                 "4", "--probe-count", "2", "--save-every", "0", "--device", "cpu"])
     files = {"harmful_ref": env["harmful_ref"], "harmless_ref": env["harmless_ref"]}
-    first = protocol.train_stage(args, files, "run", env["model"], env["align"], 0.0, 1, 1e-3)
+    first = train_stage(args, files, "run", env["model"], env["align"], 0.0, 1, 1e-3)
     folder = Path(first["model"])
     (folder / "stage.json").unlink()  # killed after surgery.py finished, before the stage was recorded
-    again = protocol.train_stage(args, files, "run", env["model"], env["align"], 0.0, 1, 1e-3)
+    again = train_stage(args, files, "run", env["model"], env["align"], 0.0, 1, 1e-3)
     assert again["sink_report"] == first["sink_report"] and (folder / "stage.json").exists()

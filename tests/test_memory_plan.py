@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import memory_plan as mp  # noqa: E402
+import scale  # noqa: E402
 import surgery  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 
@@ -119,7 +120,7 @@ def fsdp_worker(rank, world_size, port, result_dir):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("mistral", vocab_size=260), dtype=torch.bfloat16)
     args = surgery.parse_args(["--full", "--dtype", "bf16"])
-    surgery.distribute(surgery.Objective(model, args, None, world_size), args, world_size, torch.device("cpu"))
+    scale.distribute(surgery.Objective(model, args, None, world_size), args, world_size, torch.device("cpu"))
     optimizer = one_step(model)
     local = [p.to_local() for p in model.parameters()]
     grads = [p.grad.to_local() for p in model.parameters()]

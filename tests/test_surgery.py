@@ -13,7 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import scale
 import surgery
+from common import UserError
 from conftest import ROOT, ctrl_c_at_step, run_args, write_jsonl
 from tiny import FAMILIES, TEXTS, add_random_lora, padded_batch, tiny_model
 
@@ -126,7 +128,7 @@ def test_lora_starts_as_identity_and_merges_exactly():
 
 def test_lora_rejects_unknown_targets():
     model, _ = tiny_model("llama")
-    with pytest.raises(surgery.UserError, match="no linear layer"):
+    with pytest.raises(UserError, match="no linear layer"):
         surgery.add_lora(model, {"qkv"}, rank=4, lora_alpha=8, dropout=0.0)
 
 
@@ -474,13 +476,13 @@ def test_penalty_and_gradient_are_the_same_with_activation_checkpointing(full):
     results = []
     for checkpointing in (False, True):
         if checkpointing:
-            surgery.enable_activation_checkpointing(model)
+            scale.enable_activation_checkpointing(model, surgery.sink_replay_contexts)
         model.zero_grad()
         d = surgery.sink_divergence(model, harmful, harmless, 0)
         (surgery.sink_penalty(d) + 0.1 * d.sum()).backward()
         results.append((d.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                                      for p in model.parameters() if p.requires_grad]))
-        assert surgery.SinkRecorder.columns == [] and surgery.SinkRecorder.position is None  # nothing left behind
+        assert surgery.SinkRecorder.columns == [] and surgery.SinkRecorder.sink_pos is None  # nothing left behind
     (d0, g0), (d1, g1) = results
     assert model.is_activation_checkpointing
     assert torch.allclose(d0, d1, atol=1e-6)
@@ -493,7 +495,7 @@ def test_checkpointed_layers_recompute_during_backward(tiny_run_inputs, tmp_path
     real = surgery.sink_attention
 
     def counting(module, *args, **kwargs):
-        calls.append(surgery.SinkRecorder.position)
+        calls.append(surgery.SinkRecorder.sink_pos)
         return real(module, *args, **kwargs)
     monkeypatch.setitem(surgery.AttentionInterface._global_mapping, surgery.SINK_ATTENTION, counting)
     for flag in ([], ["--grad-checkpointing"]):

@@ -1,7 +1,7 @@
 """Draw the blind labelling sample (issue 18): answers of the committed sweep, stratified by (method, p).
 
     python results/labels/draw_sample.py                  # reads the prompt files under runs/eval/eval-sets/
-    python results/labels/draw_sample.py --build-prompts  # first writes them there (offline.py, a few seconds)
+    python results/labels/draw_sample.py --build-prompts  # first writes them there (the offline package, a few seconds)
 
 Writes, next to this script:
   sample_key.jsonl  {"id", "run", "kind", "index"} per drawn answer, in id order: the only link from a blind id to
@@ -25,8 +25,8 @@ it writes under <work dir>/eval-sets/ (work dir runs/eval) in resolve_inputs -> 
                                    config's `seed`), the first 300;
   eval_benign_160_<digest>.jsonl   offline.eval_data(seed=0)["eval_benign"], not shuffled, the first 160;
 (<digest>: the first 16 hex of the SHA-256 of the offline source file). They are not committed (runs/ is ignored).
-Any eval.py run with the sweep's flags writes them; --build-prompts writes the same two files with offline.py
-alone (it needs the data packages of `make setup`; offline.py keeps its data under $SURGERY_CACHE, else
+Any eval.py run with the sweep's flags writes them; --build-prompts writes the same two files with the offline package
+alone (it needs the data packages of `make setup`; the offline package keeps its data under $SURGERY_CACHE, else
 ~/.cache/surgery). Either way the files must have the SHA-256 pinned below, which is that of the files the sweep
 used: with them, eval.py's protocol_fingerprint (model path /root/.cache/surgery/models/...) reproduces the
 `fingerprint` of all 38 run JSONs and that of results/alignment.json. Checked again at every run: the counts (300,
@@ -34,7 +34,7 @@ used: with them, eval.py's protocol_fingerprint (model path /root/.cache/surgery
 model's harmful answers and the aligned model's benign answers share the most content words with their own prompt
 (far more often than with the next prompt, which an off-by-one would give).
 
-Standard library only (offline.py is imported only by --build-prompts).
+Standard library only (the offline package is imported only by --build-prompts).
 """
 import argparse
 import glob
@@ -64,7 +64,7 @@ def sha256(path):
 
 
 def build_prompts(folder):
-    """eval.py's eval_subset for the two files, from offline.eval_data (the repo's offline.py)."""
+    """eval.py's eval_subset for the two files, from offline.eval_data (the repo's the offline package)."""
     sys.path.insert(0, str(ROOT))
     import offline  # noqa: E402  (the repo's own module; reads the installed data packages)
     data = offline.eval_data(seed=DATA_SEED)
@@ -221,7 +221,7 @@ def main():
     parser.add_argument("--prompts-dir", type=Path, default=ROOT / "runs" / "eval" / "eval-sets",
                         help="where eval.py wrote eval_harmful_300_*.jsonl and eval_benign_160_*.jsonl")
     parser.add_argument("--build-prompts", action="store_true",
-                        help="write the two prompt files into --prompts-dir first, with offline.py")
+                        help="write the two prompt files into --prompts-dir first, with the offline package")
     parser.add_argument("--out", type=Path, default=HERE, help="folder for sample_key.jsonl and blind.jsonl")
     args = parser.parse_args()
     if args.build_prompts:

