@@ -6,6 +6,11 @@ transformers runs the base model without the LM head (which the statistic does n
 too), one unpadded sequence at a time with output_attentions=True. Prints tokens per second of each and the
 ratio, and the largest difference between the two divergences.
 
+With --family qwen3|gemma3|phi3|olmo2 the model is instead a random one of that family with the default model's
+shape (30 layers, hidden 576, 9 query and 3 kv heads of 64 dims, MLP 1536, its vocabulary and tokenizer), written
+to a temporary folder: the same comparison for a family that has no offline weights. Gemma 3 gets its pattern of
+five local layers (128-token window, so it binds on the longer probes) to one global layer.
+
 With --baseline REF it instead compares this sinkcheck with the one of git revision REF (built once into
 build/baseline/<sha>/ from `git archive REF`), same probes, at each of --threads-list: each implementation
 runs in its own worker process, and every round asks each worker in turn (the order alternating between rounds)
@@ -14,6 +19,7 @@ tokens/s of the audit alone (Model.sink_divergence, what this benchmark has alwa
 converts weights there, a layer at a time, the old one when the model opens) and of open + audit.
 
     .venv/bin/python bench/bench_sinkcheck.py [--threads 2] [--probes 32] [--max-len 256] [--model DIR]
+    .venv/bin/python bench/bench_sinkcheck.py --family gemma3 [--threads 2] [--probes 32] [--max-len 256]
     .venv/bin/python bench/bench_sinkcheck.py --baseline REF [--threads-list 1,2] [--repeats 3] [--probes 16]
 """
 import argparse
@@ -52,6 +58,33 @@ def eager_divergence(model, harmful, harmless):
         return total / len(sequences)
     with torch.inference_mode():
         return means(harmful) - means(harmless)
+
+
+# Family-specific config fields of the random models --family builds; the shape comes from the default model.
+FAMILY_FIELDS = {
+    "qwen3": dict(model_type="qwen3"),
+    "gemma3": dict(model_type="gemma3_text", query_pre_attn_scalar=64, sliding_window=128, sliding_window_pattern=6,
+                   hidden_activation="gelu_pytorch_tanh"),
+    "phi3": dict(model_type="phi3"),
+    "olmo2": dict(model_type="olmo2"),
+}
+
+
+def random_family_model(family, like_dir, out_dir):
+    """A random `family` model with the shape, vocabulary and tokenizer of the model in `like_dir`, saved to out_dir."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    like = json.loads((Path(like_dir) / "config.json").read_text())
+    fields = dict(FAMILY_FIELDS[family])
+    model_type = fields.pop("model_type")
+    shape = {k: like[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                                  "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+                                  "tie_word_embeddings")}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shape, **fields), dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(str(like_dir)).save_pretrained(out_dir)
+    return Path(out_dir)
 
 
 def build_baseline(ref):
@@ -166,6 +199,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved timing rounds; the best per side counts (default 2)")
     parser.add_argument("--model", help="model folder (default: offline.default_model_dir(), SmolLM2-135M)")
+    parser.add_argument("--family", choices=sorted(FAMILY_FIELDS),
+                        help="a random model of this family with the default (or --model) model's shape instead")
     parser.add_argument("--baseline", metavar="REF",
                         help="compare with the sinkcheck of this git revision instead of transformers (see above)")
     parser.add_argument("--threads-list", default="1,2", help="with --baseline: thread counts (default 1,2)")
@@ -178,6 +213,9 @@ def main():
     else:
         import offline
         model_dir = offline.default_model_dir()
+    if args.family:
+        scratch = tempfile.TemporaryDirectory(prefix=f"bench_{args.family}_")
+        model_dir = random_family_model(args.family, model_dir, Path(scratch.name) / args.family)
     torch.set_num_threads(args.threads)
     harmful, harmless = probe_ids(model_dir, args.probes, args.max_len)
     tokens = sum(map(len, harmful)) + sum(map(len, harmless))
@@ -185,8 +223,8 @@ def main():
         print(f"model {model_dir.name}; {len(harmful)} harmful + {len(harmless)} harmless probes, {tokens} tokens")
         compare_with_baseline(args, model_dir, harmful, harmless, tokens)
         return
-    print(f"model {model_dir.name}; {len(harmful)} harmful + {len(harmless)} harmless probes, {tokens} tokens; "
-          f"{args.threads} threads; torch {torch.__version__}")
+    print(f"model {model_dir.name}{' (random weights)' if args.family else ''}; {len(harmful)} harmful + "
+          f"{len(harmless)} harmless probes, {tokens} tokens; {args.threads} threads; torch {torch.__version__}")
 
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager",
                                                      dtype=torch.float32).eval()

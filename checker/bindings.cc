@@ -28,15 +28,27 @@ py::list to_rows(const std::vector<double>& flat, int n_layers, int n_heads) {
 }
 
 py::dict config_dict(const ModelConfig& c) {
-  static const char* families[] = {"llama", "mistral", "qwen2"};
   py::dict d;
-  d["family"] = families[static_cast<int>(c.family)];
+  d["family"] = family_name(c.family);  // the model_type
   d["n_layers"] = c.n_layers;
   d["n_heads"] = c.n_heads;
   d["n_kv_heads"] = c.n_kv_heads;
   d["head_dim"] = c.head_dim;
   d["hidden_size"] = c.hidden_size;
   d["vocab_size"] = c.vocab_size;
+  d["sliding_window"] = c.sliding_window;
+  py::list ropes;
+  for (int l = 0; l < c.n_layers; ++l) {
+    const Rope& rope = c.ropes[c.layer_rope[l]];
+    py::dict r;
+    r["rotary_dim"] = rope.rotary_dim;
+    r["inv_freq"] = rope.inv_freq;
+    r["attention_scaling"] = rope.attention_scaling;
+    ropes.append(r);
+  }
+  d["rope"] = ropes;  // per layer
+  d["attn_scale"] = c.attn_scale;
+  d["embed_scale"] = c.embed_scale;
   return d;
 }
 
@@ -52,7 +64,8 @@ Progress python_progress(const py::object& callback) {
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "C++ core of sinkcheck: strict safetensors reader, Llama-family forward pass, sink statistics.";
+  m.doc() = "C++ core of sinkcheck: strict safetensors reader, decoder forward pass (Llama, Mistral, Qwen2, Qwen3, "
+          "Gemma 3, Phi-3, OLMo 2), sink statistics.";
   py::register_exception<CheckError>(m, "CheckError");
 
   m.def(

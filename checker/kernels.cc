@@ -185,6 +185,22 @@ void silu_mul(float* gate, const float* up, size_t n) {
   for (; i < n; ++i) gate[i] = gate[i] / (1.0f + exp1(-gate[i])) * up[i];
 }
 
+void gelu_tanh_mul(float* gate, const float* up, size_t n) {
+  // 1 + tanh(y) = 2 sigmoid(2y): the same sigmoid as silu, of z = 2 sqrt(2/pi) (x + 0.044715 x^3).
+  const float k2 = static_cast<float>(2.0 * std::sqrt(2.0 / M_PI)), kappa = 0.044715f;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    f32x8 g = load8(gate + i);
+    f32x8 z = splat(k2) * (g + splat(kappa) * g * g * g);
+    f32x8 sig = splat(1.0f) / (splat(1.0f) + exp8(-z));
+    store8(gate + i, g * sig * load8(up + i));
+  }
+  for (; i < n; ++i) {
+    const float g = gate[i], z = k2 * (g + kappa * g * g * g);
+    gate[i] = g / (1.0f + exp1(-z)) * up[i];
+  }
+}
+
 float exp_shift_sum(float* x, int n, float max) {
   f32x8 total = splat(0.0f);
   int i = 0;

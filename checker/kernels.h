@@ -1,4 +1,4 @@
-// fp32 compute kernels: a cache-blocked matrix multiply, RMSNorm, SwiGLU and vector helpers.
+// fp32 compute kernels: a cache-blocked matrix multiply, RMSNorm, gated MLP activations and vector helpers.
 #pragma once
 
 #include <cstddef>
@@ -36,6 +36,10 @@ void rmsnorm(const float* x, const float* weight, int n, float eps, float* out);
 
 // gate[i] = silu(gate[i]) * up[i]: the SwiGLU combination.
 void silu_mul(float* gate, const float* up, size_t n);
+
+// gate[i] = gelu_tanh(gate[i]) * up[i], with transformers' gelu_pytorch_tanh
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), computed as x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)).
+void gelu_tanh_mul(float* gate, const float* up, size_t n);
 
 // In place: x[i] = exp(x[i] - max), returns the sum. Accurate to about 1 ulp.
 float exp_shift_sum(float* x, int n, float max);

@@ -12,7 +12,7 @@ namespace sinkcheck {
 
 namespace {
 
-std::string layer_name(int layer, const char* suffix) {
+std::string layer_name(int layer, const std::string& suffix) {
   return "model.layers." + std::to_string(layer) + "." + suffix;
 }
 
@@ -58,37 +58,75 @@ void Model::find_tensors() {
 
   // Every tensor the config implies is checked here, before any compute. The last layer's value,
   // output and MLP weights are checked but never read: its attention weights depend only on q and k.
-  auto matrix = [&](int l, const char* name, int64_t out, int64_t in, bool has_bias, const TensorEntry*& weight,
-                    const TensorEntry*& bias) {
-    weight = &checkpoint_.require(layer_name(l, name) + ".weight", {out, in});
-    bias = has_bias ? &checkpoint_.require(layer_name(l, name) + ".bias", {out}) : nullptr;
+  auto vector = [&](int l, const std::string& name, int64_t size) -> const TensorEntry* {
+    return name.empty() ? nullptr : &checkpoint_.require(layer_name(l, name) + ".weight", {size});
+  };
+  auto matrix = [&](int l, const char* name, int64_t out, int64_t in, bool has_bias) {
+    MatrixSlice m;
+    m.weight = &checkpoint_.require(layer_name(l, name) + ".weight", {out, in});
+    m.bias = has_bias ? &checkpoint_.require(layer_name(l, name) + ".bias", {out}) : nullptr;
+    m.rows = out;
+    return m;
+  };
+  auto rows = [](MatrixSlice m, int64_t row0, int64_t n) {  // a part of a fused projection
+    m.row0 = row0;
+    m.rows = n;
+    return m;
   };
   tensors_.resize(c.n_layers);
   for (int l = 0; l < c.n_layers; ++l) {
     LayerTensors& t = tensors_[l];
-    t.attn_norm = &checkpoint_.require(layer_name(l, "input_layernorm.weight"), {hidden});
-    matrix(l, "self_attn.q_proj", q_dim, hidden, c.qkv_bias, t.wq, t.bq);
-    matrix(l, "self_attn.k_proj", kv_dim, hidden, c.qkv_bias, t.wk, t.bk);
-    matrix(l, "self_attn.v_proj", kv_dim, hidden, c.qkv_bias, t.wv, t.bv);
-    matrix(l, "self_attn.o_proj", hidden, q_dim, c.o_bias, t.wo, t.bo);
-    t.mlp_norm = &checkpoint_.require(layer_name(l, "post_attention_layernorm.weight"), {hidden});
-    matrix(l, "mlp.gate_proj", inter, hidden, c.mlp_bias, t.w_gate, t.b_gate);
-    matrix(l, "mlp.up_proj", inter, hidden, c.mlp_bias, t.w_up, t.b_up);
-    matrix(l, "mlp.down_proj", hidden, inter, c.mlp_bias, t.w_down, t.b_down);
+    t.attn_in = vector(l, c.norms.attn_in, hidden);
+    t.attn_out = vector(l, c.norms.attn_out, hidden);
+    t.mlp_in = vector(l, c.norms.mlp_in, hidden);
+    t.mlp_out = vector(l, c.norms.mlp_out, hidden);
+    if (c.fused_qkv) {
+      const MatrixSlice qkv = matrix(l, "self_attn.qkv_proj", q_dim + 2 * kv_dim, hidden, c.qkv_bias);
+      t.wq = rows(qkv, 0, q_dim);
+      t.wk = rows(qkv, q_dim, kv_dim);
+      t.wv = rows(qkv, q_dim + kv_dim, kv_dim);
+    } else {
+      t.wq = matrix(l, "self_attn.q_proj", q_dim, hidden, c.qkv_bias);
+      t.wk = matrix(l, "self_attn.k_proj", kv_dim, hidden, c.qkv_bias);
+      t.wv = matrix(l, "self_attn.v_proj", kv_dim, hidden, c.qkv_bias);
+    }
+    t.wo = matrix(l, "self_attn.o_proj", hidden, q_dim, c.o_bias);
+    if (c.qk_norm != QkNorm::None) {
+      const bool per_head = c.qk_norm == QkNorm::PerHead;
+      t.q_norm = vector(l, "self_attn.q_norm", per_head ? c.head_dim : q_dim);
+      t.k_norm = vector(l, "self_attn.k_norm", per_head ? c.head_dim : kv_dim);
+    }
+    if (c.fused_gate_up) {
+      const MatrixSlice gate_up = matrix(l, "mlp.gate_up_proj", 2 * inter, hidden, c.mlp_bias);
+      t.w_gate = rows(gate_up, 0, inter);
+      t.w_up = rows(gate_up, inter, inter);
+    } else {
+      t.w_gate = matrix(l, "mlp.gate_proj", inter, hidden, c.mlp_bias);
+      t.w_up = matrix(l, "mlp.up_proj", inter, hidden, c.mlp_bias);
+    }
+    t.w_down = matrix(l, "mlp.down_proj", hidden, inter, c.mlp_bias);
   }
 }
 
-// Converts one stored weight matrix to fp32 and packs it for matmul(), a panel per task: each task
-// converts its kPanel rows into per-thread scratch (checking them finite), then packs them.
-void Model::pack(PackedMatrix& dst, const TensorEntry& weight, const TensorEntry* bias) {
-  const int out = static_cast<int>(weight.shape[0]), in = static_cast<int>(weight.shape[1]);
+int Model::max_length() const {
+  int limit = 0;
+  for (const Rope& rope : config_.ropes)
+    if (rope.max_length > 0 && (limit == 0 || rope.max_length < limit)) limit = rope.max_length;
+  return limit;
+}
+
+// Converts one stored weight matrix (or rows of a fused one) to fp32 and packs it for matmul(), a panel per
+// task: each task converts its kPanel rows into per-thread scratch (checking them finite), then packs them.
+void Model::pack(PackedMatrix& dst, const MatrixSlice& m) {
+  const int out = static_cast<int>(m.rows), in = static_cast<int>(m.weight->shape[1]);
+  const uint64_t first = uint64_t(m.row0) * in;  // the slice's first element
   const int n_panels = (out + kPanel - 1) / kPanel;
   dst.out = out;
   dst.in = in;
   dst.panels.resize(size_t(n_panels) * in * kPanel);  // capacity is kept across layers
-  if (bias) {
+  if (m.bias) {
     dst.bias.resize(out);
-    tensor_to_fp32_finite(*bias, 0, out, dst.bias.data());
+    tensor_to_fp32_finite(*m.bias, m.row0, out, dst.bias.data());
   } else {
     dst.bias.clear();
   }
@@ -96,42 +134,62 @@ void Model::pack(PackedMatrix& dst, const TensorEntry& weight, const TensorEntry
   pool_.run(n_panels, [&](int p, int thread) {
     float* rows = state_.pack_scratch.data() + size_t(thread) * kPanel * in;
     const int n_rows = std::min(kPanel, out - p * kPanel);
-    tensor_to_fp32_finite(weight, uint64_t(p) * kPanel * in, uint64_t(n_rows) * in, rows);
+    tensor_to_fp32_finite(*m.weight, first + uint64_t(p) * kPanel * in, uint64_t(n_rows) * in, rows);
     pack_panel(rows, n_rows, in, dst.panels.data() + size_t(p) * in * kPanel);
   });
-  release(weight);
-  if (bias) release(*bias);
+  release(*m.weight, first, uint64_t(out) * in);
+  if (m.bias) release(*m.bias, m.row0, out);
+}
+
+// An RMSNorm weight as the norm multiplies by it: norm_offset + weight, in fp32 (Gemma 3: 1 + weight.float()).
+void Model::load_norm(std::vector<float>& dst, const TensorEntry* weight) {
+  if (!weight) {
+    dst.clear();
+    return;
+  }
+  dst.resize(weight->numel);
+  tensor_to_fp32_finite(*weight, 0, weight->numel, dst.data());
+  if (config_.norm_offset != 0.0f)
+    for (float& w : dst) w += config_.norm_offset;
+  release(*weight);
 }
 
 void Model::prefetch_layer(int layer) const {
   if (layer >= config_.n_layers) return;
   const LayerTensors& t = tensors_[layer];
   const bool last = (layer == config_.n_layers - 1);
-  for (const TensorEntry* e : {t.attn_norm, t.wq, t.wk, t.bq, t.bk}) if (e) prefetch(*e);
-  if (!last)
-    for (const TensorEntry* e : {t.wv, t.bv, t.wo, t.bo, t.mlp_norm, t.w_gate, t.b_gate, t.w_up, t.b_up, t.w_down,
-                                 t.b_down})
-      if (e) prefetch(*e);
+  auto vector = [](const TensorEntry* e) { if (e) prefetch(*e); };
+  auto matrix = [](const MatrixSlice& m) {
+    const uint64_t in = uint64_t(m.weight->shape[1]);
+    prefetch(*m.weight, uint64_t(m.row0) * in, uint64_t(m.rows) * in);
+    if (m.bias) prefetch(*m.bias, m.row0, m.rows);
+  };
+  for (const TensorEntry* e : {t.attn_in, t.q_norm, t.k_norm}) vector(e);
+  matrix(t.wq);
+  matrix(t.wk);
+  if (last) return;
+  for (const TensorEntry* e : {t.attn_out, t.mlp_in, t.mlp_out}) vector(e);
+  for (const MatrixSlice* m : {&t.wv, &t.wo, &t.w_gate, &t.w_up, &t.w_down}) matrix(*m);
 }
 
 void Model::load_layer(int layer) {
   const LayerTensors& t = tensors_[layer];
   LayerWeights& w = weights_;
   const bool last = (layer == config_.n_layers - 1);
-  w.attn_norm.resize(t.attn_norm->numel);
-  tensor_to_fp32_finite(*t.attn_norm, 0, t.attn_norm->numel, w.attn_norm.data());
-  release(*t.attn_norm);
-  pack(w.wq, *t.wq, t.bq);
-  pack(w.wk, *t.wk, t.bk);
+  load_norm(w.attn_in, t.attn_in);
+  load_norm(w.q_norm, t.q_norm);
+  load_norm(w.k_norm, t.k_norm);
+  pack(w.wq, t.wq);
+  pack(w.wk, t.wk);
   if (last) return;
-  pack(w.wv, *t.wv, t.bv);
-  pack(w.wo, *t.wo, t.bo);
-  w.mlp_norm.resize(t.mlp_norm->numel);
-  tensor_to_fp32_finite(*t.mlp_norm, 0, t.mlp_norm->numel, w.mlp_norm.data());
-  release(*t.mlp_norm);
-  pack(w.w_gate, *t.w_gate, t.b_gate);
-  pack(w.w_up, *t.w_up, t.b_up);
-  pack(w.w_down, *t.w_down, t.b_down);
+  pack(w.wv, t.wv);
+  pack(w.wo, t.wo);
+  load_norm(w.attn_out, t.attn_out);
+  load_norm(w.mlp_in, t.mlp_in);
+  load_norm(w.mlp_out, t.mlp_out);
+  pack(w.w_gate, t.w_gate);
+  pack(w.w_up, t.w_up);
+  pack(w.w_down, t.w_down);
 }
 
 void Model::prepare(const std::vector<BatchItem>& items, const std::vector<size_t>& batch_ends) {
@@ -178,8 +236,12 @@ void Model::prepare(const std::vector<BatchItem>& items, const std::vector<size_
       s.row_item[r] = static_cast<int>(j);
       s.row_pos[r] = p;
     }
+  if (this->max_length() > 0 && max_length > this->max_length())
+    throw CheckError("internal: a sequence is longer than the rotary embeddings hold for");
   if (max_length > s.rope_positions) {
-    rope_tables(c.rope_inv_freq, max_length, s.rope_cos, s.rope_sin);
+    s.rope_cos.resize(c.ropes.size());
+    s.rope_sin.resize(c.ropes.size());
+    for (size_t k = 0; k < c.ropes.size(); ++k) rope_tables(c.ropes[k], max_length, s.rope_cos[k], s.rope_sin[k]);
     s.rope_positions = max_length;
   }
   ensure_size(s.scores, size_t(pool_.size()) * s.rope_positions);  // one row of rope_positions per thread
@@ -190,11 +252,14 @@ void Model::embed_rows(const std::vector<BatchItem>& items) {
   RunState& s = state_;
   const int hidden = config_.hidden_size;
   const int rows = static_cast<int>(s.item_first_row[items.size()]);
+  const float scale = config_.embed_scale;  // Gemma 3 multiplies embeddings by sqrt(hidden_size)
   for_rows(pool_, rows, [&](int first, int last) {
     for (int r = first; r < last; ++r) {
       const BatchItem& item = items[s.row_item[r]];
-      tensor_to_fp32_finite(*embed_, uint64_t(item.tokens[s.row_pos[r]]) * hidden, hidden,
-                            s.x.data() + size_t(r) * hidden);
+      float* row = s.x.data() + size_t(r) * hidden;
+      tensor_to_fp32_finite(*embed_, uint64_t(item.tokens[s.row_pos[r]]) * hidden, hidden, row);
+      if (scale != 1.0f)
+        for (int i = 0; i < hidden; ++i) row[i] *= scale;
     }
   });
   release(*embed_);
@@ -208,7 +273,7 @@ void Model::attention(const std::vector<BatchItem>& items, size_t first_item, si
   RunState& s = state_;
   const int hd = c.head_dim, group = c.n_heads / c.n_kv_heads, window = c.sliding_window[layer];
   const size_t q_dim = size_t(c.n_heads) * hd, kv_dim = size_t(c.n_kv_heads) * hd;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const float scale = c.attn_scale;
   const int n_items = static_cast<int>(end_item - first_item);
   const size_t row0 = s.item_first_row[first_item];
 
@@ -235,6 +300,14 @@ void Model::attention(const std::vector<BatchItem>& items, size_t first_item, si
   });
 }
 
+// RMSNorm of `rows` rows of n values each (out may be in): rows of x, or of q or k split into norm groups.
+void Model::rmsnorm_rows(const float* in, const std::vector<float>& weight, int rows, int n, float* out) {
+  for_rows(pool_, rows, [&](int first, int last) {
+    for (int r = first; r < last; ++r)
+      rmsnorm(in + size_t(r) * n, weight.data(), n, config_.rms_norm_eps, out + size_t(r) * n);
+  });
+}
+
 // One layer for the batch of items [first_item, end_item): its rows of the residual stream go
 // through the layer; the items' sink sums for this layer go to out.
 void Model::run_batch(const std::vector<BatchItem>& items, size_t first_item, size_t end_item, int l, int sink,
@@ -247,24 +320,38 @@ void Model::run_batch(const std::vector<BatchItem>& items, size_t first_item, si
   const int rows = static_cast<int>(s.item_first_row[end_item] - row0);
   const int hidden = c.hidden_size, inter = c.intermediate_size, hd = c.head_dim;
   const size_t q_dim = size_t(c.n_heads) * hd, kv_dim = size_t(c.n_kv_heads) * hd;
-  const size_t half = hd / 2;
   float* x = s.x.data() + row0 * hidden;
 
-  // Attention block: norm, projections, rotary embeddings.
-  for_rows(pool_, rows, [&](int first, int last_row) {
-    for (int r = first; r < last_row; ++r)
-      rmsnorm(x + size_t(r) * hidden, w.attn_norm.data(), hidden, c.rms_norm_eps, s.xn.data() + size_t(r) * hidden);
-  });
-  matmul(pool_, s.xn.data(), hidden, rows, w.wq, s.q.data(), q_dim);
-  matmul(pool_, s.xn.data(), hidden, rows, w.wk, s.k_new.data(), kv_dim);
-  if (!last) matmul(pool_, s.xn.data(), hidden, rows, w.wv, s.v_new.data(), kv_dim);
+  // Attention block: norm (where the family has one before attention), q/k/v projections.
+  const float* attn_input = x;
+  if (!w.attn_in.empty()) {
+    rmsnorm_rows(x, w.attn_in, rows, hidden, s.xn.data());
+    attn_input = s.xn.data();
+  }
+  matmul(pool_, attn_input, hidden, rows, w.wq, s.q.data(), q_dim);
+  matmul(pool_, attn_input, hidden, rows, w.wk, s.k_new.data(), kv_dim);
+  if (!last) matmul(pool_, attn_input, hidden, rows, w.wv, s.v_new.data(), kv_dim);
+
+  // q/k norms: over each head, or over the whole projection.
+  if (c.qk_norm != QkNorm::None) {
+    const bool per_head = c.qk_norm == QkNorm::PerHead;
+    rmsnorm_rows(s.q.data(), w.q_norm, per_head ? rows * c.n_heads : rows, per_head ? hd : int(q_dim), s.q.data());
+    rmsnorm_rows(s.k_new.data(), w.k_norm, per_head ? rows * c.n_kv_heads : rows, per_head ? hd : int(kv_dim),
+                 s.k_new.data());
+  }
+
+  // Rotary embeddings: this layer's (Gemma 3: local or global), on the first rotary_dim dims of each head.
+  const int rope = c.layer_rope[l], rotary_dim = c.ropes[rope].rotary_dim;
+  const size_t half = rotary_dim / 2;
   for_rows(pool_, rows, [&](int first, int last_row) {
     for (int r = first; r < last_row; ++r) {
       const int pos = s.row_pos[row0 + r];
-      const float* cos_row = s.rope_cos.data() + size_t(pos) * half;
-      const float* sin_row = s.rope_sin.data() + size_t(pos) * half;
-      for (int h = 0; h < c.n_heads; ++h) apply_rope(s.q.data() + r * q_dim + size_t(h) * hd, hd, cos_row, sin_row);
-      for (int g = 0; g < c.n_kv_heads; ++g) apply_rope(s.k_new.data() + r * kv_dim + size_t(g) * hd, hd, cos_row, sin_row);
+      const float* cos_row = s.rope_cos[rope].data() + size_t(pos) * half;
+      const float* sin_row = s.rope_sin[rope].data() + size_t(pos) * half;
+      for (int h = 0; h < c.n_heads; ++h)
+        apply_rope(s.q.data() + r * q_dim + size_t(h) * hd, rotary_dim, cos_row, sin_row);
+      for (int g = 0; g < c.n_kv_heads; ++g)
+        apply_rope(s.k_new.data() + r * kv_dim + size_t(g) * hd, rotary_dim, cos_row, sin_row);
     }
   });
 
@@ -316,20 +403,37 @@ void Model::run_batch(const std::vector<BatchItem>& items, size_t first_item, si
   }
   if (last) return;  // nothing after the last layer's attention weights is needed
 
+  // Output projection, its norm (where the family has one), the residual add, the MLP's input norm.
   matmul(pool_, s.att.data(), q_dim, rows, w.wo, s.proj.data(), hidden);
   for_rows(pool_, rows, [&](int first, int last_row) {
-    for (size_t i = size_t(first) * hidden; i < size_t(last_row) * hidden; ++i) x[i] += s.proj[i];
-    for (int r = first; r < last_row; ++r)
-      rmsnorm(x + size_t(r) * hidden, w.mlp_norm.data(), hidden, c.rms_norm_eps, s.xn.data() + size_t(r) * hidden);
+    for (int r = first; r < last_row; ++r) {
+      float* proj = s.proj.data() + size_t(r) * hidden;
+      float* row = x + size_t(r) * hidden;
+      if (!w.attn_out.empty()) rmsnorm(proj, w.attn_out.data(), hidden, c.rms_norm_eps, proj);
+      for (int i = 0; i < hidden; ++i) row[i] += proj[i];
+      if (!w.mlp_in.empty()) rmsnorm(row, w.mlp_in.data(), hidden, c.rms_norm_eps, s.xn.data() + size_t(r) * hidden);
+    }
   });
-  matmul(pool_, s.xn.data(), hidden, rows, w.w_gate, s.gate.data(), inter);
-  matmul(pool_, s.xn.data(), hidden, rows, w.w_up, s.up.data(), inter);
+
+  // Gated MLP: down(act(gate) * up), its output norm (where the family has one), the residual add.
+  const float* mlp_input = w.mlp_in.empty() ? x : s.xn.data();
+  matmul(pool_, mlp_input, hidden, rows, w.w_gate, s.gate.data(), inter);
+  matmul(pool_, mlp_input, hidden, rows, w.w_up, s.up.data(), inter);
   for_rows(pool_, rows, [&](int first, int last_row) {
-    silu_mul(s.gate.data() + size_t(first) * inter, s.up.data() + size_t(first) * inter, size_t(last_row - first) * inter);
+    float* gate = s.gate.data() + size_t(first) * inter;
+    const float* up = s.up.data() + size_t(first) * inter;
+    const size_t n = size_t(last_row - first) * inter;
+    if (c.activation == Activation::GeluTanh) gelu_tanh_mul(gate, up, n);
+    else silu_mul(gate, up, n);
   });
   matmul(pool_, s.gate.data(), inter, rows, w.w_down, s.proj.data(), hidden);
   for_rows(pool_, rows, [&](int first, int last_row) {
-    for (size_t i = size_t(first) * hidden; i < size_t(last_row) * hidden; ++i) x[i] += s.proj[i];
+    for (int r = first; r < last_row; ++r) {
+      float* proj = s.proj.data() + size_t(r) * hidden;
+      float* row = x + size_t(r) * hidden;
+      if (!w.mlp_out.empty()) rmsnorm(proj, w.mlp_out.data(), hidden, c.rms_norm_eps, proj);
+      for (int i = 0; i < hidden; ++i) row[i] += proj[i];
+    }
   });
   if (first_non_finite(x, size_t(rows) * hidden) != size_t(rows) * hidden) non_finite_activations(l, "the hidden state");
 }

@@ -1,5 +1,7 @@
-// The Llama-family forward pass (Llama incl. SmolLM2, Mistral, Qwen2), far enough to get attention
-// weights: structs for config, weights and run state in the llama2.c manner.
+// The forward pass of the supported decoder-only families (Llama incl. SmolLM2, Mistral, Qwen2, Qwen3,
+// Gemma 3, Phi-3, OLMo 2), far enough to get attention weights: structs for config, weights and run state in
+// the llama2.c manner. One layer loop serves every family; the differences are data in ModelConfig (which
+// norms exist, q/k norms, fused projections, activation, scalings, per-layer rotary embedding and window).
 //
 // Memory does not grow with depth: the weights stay in the memory-mapped checkpoint in their stored
 // dtype. A pass runs layer by layer over all of its sequences; each layer's tensors are converted to
@@ -20,23 +22,31 @@
 
 namespace sinkcheck {
 
-// One layer's tensors, validated (present, F32/F16/BF16, shape from config.json) when the model opens;
-// they point into the mapped file. Biases are nullptr where the family has none.
-struct LayerTensors {
-  const TensorEntry* attn_norm = nullptr;  // input_layernorm
-  const TensorEntry* mlp_norm = nullptr;   // post_attention_layernorm
-  const TensorEntry *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
-  const TensorEntry *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr;
-  const TensorEntry *w_gate = nullptr, *w_up = nullptr, *w_down = nullptr;
-  const TensorEntry *b_gate = nullptr, *b_up = nullptr, *b_down = nullptr;
+// A weight matrix as stored: `rows` rows from row `row0` of a 2-D tensor (all of it, or one part of a
+// fused projection such as Phi-3's qkv_proj), and the same rows of its bias (nullptr where there is none).
+struct MatrixSlice {
+  const TensorEntry* weight = nullptr;
+  const TensorEntry* bias = nullptr;
+  int64_t row0 = 0, rows = 0;
 };
 
-// The fp32 weights of the layer being computed: one set of buffers, refilled for every layer.
+// One layer's tensors, validated (present, F32/F16/BF16, shape from config.json) when the model opens;
+// they point into the mapped file. Norms are nullptr where the family has none (ModelConfig::norms).
+struct LayerTensors {
+  const TensorEntry *attn_in = nullptr, *attn_out = nullptr;  // RMSNorm weights around attention
+  const TensorEntry *mlp_in = nullptr, *mlp_out = nullptr;    // and around the MLP
+  const TensorEntry *q_norm = nullptr, *k_norm = nullptr;     // q/k RMSNorm weights (ModelConfig::qk_norm)
+  MatrixSlice wq, wk, wv, wo;
+  MatrixSlice w_gate, w_up, w_down;
+};
+
+// The fp32 weights of the layer being computed: one set of buffers, refilled for every layer. RMSNorm
+// weights hold (norm_offset + weight), so every family's norm is x / rms(x) * weight; empty where none.
 struct LayerWeights {
-  std::vector<float> attn_norm;
-  std::vector<float> mlp_norm;
+  std::vector<float> attn_in, attn_out, mlp_in, mlp_out;
+  std::vector<float> q_norm, k_norm;
   PackedMatrix wq, wk, wv, wo;        // attention projections (with biases where the family has them)
-  PackedMatrix w_gate, w_up, w_down;  // SwiGLU MLP; not loaded for the last layer, which needs only q and k
+  PackedMatrix w_gate, w_up, w_down;  // gated MLP; not loaded for the last layer, which needs only q and k
 };
 
 // One sequence of a pass. Its first `shared` tokens equal those of the item before it in the pass
@@ -57,7 +67,7 @@ struct RunState {
   std::vector<float> k_new;   // keys of new rows
   std::vector<float> v_new;   // values of new rows
   std::vector<float> att;     // attention output, rows x (n_heads * head_dim)
-  std::vector<float> proj;    // o_proj / down_proj output
+  std::vector<float> proj;    // o_proj / down_proj output (normed in place where the family norms it)
   std::vector<float> gate;    // MLP gate, rows x intermediate
   std::vector<float> up;      // MLP up, rows x intermediate
   std::vector<float> keys;    // every position of every item of the batch, current layer
@@ -65,7 +75,7 @@ struct RunState {
   std::vector<float> sink_weight;  // A[i, sink] per item, head and position, current layer
   std::vector<float> scores;       // one attention row per thread
   std::vector<float> pack_scratch;  // per thread: kPanel weight rows converted to fp32 before packing
-  std::vector<float> rope_cos, rope_sin;
+  std::vector<std::vector<float>> rope_cos, rope_sin;  // per rotary embedding of the config: position x rotary_dim/2
   int rope_positions = 0;
   std::vector<int> row_item, row_pos;    // which item and position each new row of the pass is
   std::vector<size_t> item_first_row;    // each item's first new row in the pass
@@ -88,6 +98,8 @@ class Model {
   const Checkpoint& checkpoint() const { return checkpoint_; }
   int n_threads() const { return pool_.size(); }
   int vocab_rows() const { return static_cast<int>(embed_->shape[0]); }
+  // The longest sequence the rotary embeddings hold for (Rope::max_length), 0 when there is no limit.
+  int max_length() const;
 
   // One pass over `items`, split into batches: batch b is items [batch_ends[b-1], batch_ends[b]).
   // For each item, layer and query head: the sum over queries i = sink+1 .. length-1 of the attention
@@ -100,7 +112,9 @@ class Model {
  private:
   void find_tensors();
   void load_layer(int layer);
-  void pack(PackedMatrix& dst, const TensorEntry& weight, const TensorEntry* bias);
+  void pack(PackedMatrix& dst, const MatrixSlice& matrix);
+  void load_norm(std::vector<float>& dst, const TensorEntry* weight);
+  void rmsnorm_rows(const float* in, const std::vector<float>& weight, int rows, int n, float* out);
   void prefetch_layer(int layer) const;
   void prepare(const std::vector<BatchItem>& items, const std::vector<size_t>& batch_ends);
   void embed_rows(const std::vector<BatchItem>& items);

@@ -377,18 +377,26 @@ std::vector<float> tensor_to_fp32_finite(const TensorEntry& tensor) {
 
 namespace {
 
-void advise(const TensorEntry& tensor, int advice) {
-  if (!tensor.mapped || tensor.nbytes == 0) return;
+void advise(const TensorEntry& tensor, uint64_t first, uint64_t count, int advice) {
+  if (!tensor.mapped || tensor.nbytes == 0 || count == 0) return;
   static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const size_t size = dtype_size(tensor.dtype);
+  const uintptr_t data = reinterpret_cast<uintptr_t>(tensor.data) + first * size;
   // Rounded outward to whole pages: a neighbour's page dropped too is simply read again when needed.
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(tensor.data) & ~(page - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(tensor.data) + tensor.nbytes + page - 1) & ~(page - 1);
+  const uintptr_t begin = data & ~(page - 1);
+  const uintptr_t end = (data + count * size + page - 1) & ~(page - 1);
   ::madvise(reinterpret_cast<void*>(begin), end - begin, advice);  // a hint: failure changes nothing
 }
 
 }  // namespace
 
-void prefetch(const TensorEntry& tensor) { advise(tensor, MADV_WILLNEED); }
-void release(const TensorEntry& tensor) { advise(tensor, MADV_DONTNEED); }
+void prefetch(const TensorEntry& tensor) { advise(tensor, 0, tensor.numel, MADV_WILLNEED); }
+void release(const TensorEntry& tensor) { advise(tensor, 0, tensor.numel, MADV_DONTNEED); }
+void prefetch(const TensorEntry& tensor, uint64_t first, uint64_t count) {
+  advise(tensor, first, count, MADV_WILLNEED);
+}
+void release(const TensorEntry& tensor, uint64_t first, uint64_t count) {
+  advise(tensor, first, count, MADV_DONTNEED);
+}
 
 }  // namespace sinkcheck

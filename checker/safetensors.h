@@ -96,6 +96,9 @@ size_t first_non_finite(const float* x, size_t n);
 // faults the pages back in from the file. Tensors not backed by a mapped file are left alone.
 void prefetch(const TensorEntry& tensor);
 void release(const TensorEntry& tensor);
+// The same for elements [first, first + count) of a tensor (one part of a fused projection).
+void prefetch(const TensorEntry& tensor, uint64_t first, uint64_t count);
+void release(const TensorEntry& tensor, uint64_t first, uint64_t count);
 
 std::string shape_string(const std::vector<int64_t>& shape);
 

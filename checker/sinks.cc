@@ -26,7 +26,14 @@ std::vector<size_t> qualifying_sequences(const Model& model, const std::vector<S
       if (id < 0 || id >= model.vocab_rows())
         throw CheckError(std::string("probe token id ") + std::to_string(id) + " in " + set_name + " sequence " +
                          std::to_string(k) + " is outside the vocabulary of " + std::to_string(model.vocab_rows()));
-    if (sequences[k].size() > size_t(sink) + 1) order.push_back(k);
+    if (sequences[k].size() <= size_t(sink) + 1) continue;
+    if (model.max_length() > 0 && sequences[k].size() > size_t(model.max_length()))
+      throw CheckError(std::string(set_name) + " sequence " + std::to_string(k) + " has " +
+                       std::to_string(sequences[k].size()) + " tokens, more than this model's longrope "
+                       "original_max_position_embeddings (" + std::to_string(model.max_length()) +
+                       "): transformers switches to the long factors there, for a whole batch at once, which "
+                       "sinkcheck does not implement; use probes of at most that many tokens");
+    order.push_back(k);
   }
   if (order.empty())
     throw CheckError(std::string("no probes: the ") + set_name + " set has no sequence longer than sink position " +

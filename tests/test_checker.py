@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sinkcheck
-from checker_helpers import (eager_divergence, eager_sink_means, random_sequences, run_cli, save_checker_model,
-                             write_probes)
+from checker_helpers import (eager_divergence, eager_sink_means, load_eager, random_sequences, run_cli,
+                             save_checker_model, write_probes)
 
 
 def load_script(relative):
@@ -85,6 +85,8 @@ def test_sink_position_after_the_first_token(tmp_path):
 @pytest.mark.parametrize("family,overrides", [
     ("mistral", dict(sliding_window=6)),
     ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    ("phi3", dict(sliding_window=6)),
 ])
 def test_sliding_window_attention(tmp_path, family, overrides):
     folder = save_checker_model(tmp_path, family, seed=11, **overrides)
@@ -148,6 +150,114 @@ def test_smollm2_default_model_matches_eager():
     want = eager_divergence(folder, harmful, harmless)
     assert np.asarray(result["divergence"]).shape == (30, 9)
     assert_close(result["divergence"], want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Qwen3, Gemma 3, Phi-3 and OLMo 2: the same forward pass, with their differences as data (checker/config.h)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Three layers with grouped-query attention (4 query heads, 2 kv heads; tiny.py). Gemma 3's local layers 0 and 2 see
+# 6 keys and Phi-3's layers 10, fewer than most probes have, so the windows bind; Phi-3 rotates 12 of its 16 dims.
+NEW_FAMILIES = {
+    "qwen3": dict(),
+    "gemma3": dict(sliding_window=6),
+    "phi3": dict(partial_rotary_factor=0.75, sliding_window=10),
+    "olmo2": dict(),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_new_family_matches_eager_attention(tmp_path, family, dtype):
+    folder = save_checker_model(tmp_path, family, DTYPES[dtype], seed=3, num_hidden_layers=3, **NEW_FAMILIES[family])
+    harmful, harmless = probe_sets()
+    reference = load_eager(folder)
+    model = sinkcheck.Model(str(folder), threads=2)
+    assert (model.config["n_layers"], model.config["n_heads"], model.config["n_kv_heads"]) == (3, 4, 2)
+    for sink in (0, 1):
+        want = eager_sink_means(reference, harmful, sink) - eager_sink_means(reference, harmless, sink)
+        assert np.abs(want).max() > 1e-3
+        result = model.sink_divergence(harmful, harmless, sink)
+        assert_close(result["divergence"], want)
+        assert result["positive"] == int((want > 0).sum())
+        plain = model.sink_divergence(harmful, harmless, sink, reuse_prefixes=False)
+        assert plain["divergence"] == result["divergence"]
+    if family == "phi3":
+        assert {r["rotary_dim"] for r in model.config["rope"]} == {12}
+    if dtype == "f32" and family in ("gemma3", "phi3"):
+        # The window binds: with one longer than every probe, the statistic is different.
+        config = json.loads((folder / "config.json").read_text())
+        config["sliding_window"] = 1000
+        (folder / "config.json").write_text(json.dumps(config))
+        wide = sinkcheck.Model(str(folder), threads=2).sink_divergence(harmful, harmless, 0)
+        assert np.abs(np.asarray(wide["divergence"]) - eager_divergence(folder, harmful, harmless)).max() < TOL
+        assert np.abs(np.asarray(wide["divergence"]) - np.asarray(
+            model.sink_divergence(harmful, harmless, 0)["divergence"])).max() > 1e-3
+
+
+def inv_freq(theta, dim, factor=1.0):
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    return (np.float32(1) / np.float32(theta) ** exponents) / np.float32(factor)
+
+
+def test_gemma3_local_and_global_layers(tmp_path):
+    """Gemma 3's local layers (0 and 2: sliding window, RoPE base 1e4) and global layer (1: full attention, base 1e6,
+    here with linear scaling), from rope_parameters keyed by layer type and from the legacy fields alike."""
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}
+    folder = save_checker_model(tmp_path, "gemma3", seed=4, num_hidden_layers=3, sliding_window=5, rope_parameters=rope)
+    model = sinkcheck.Model(str(folder))
+    config = model.config
+    assert config["family"] == "gemma3_text" and config["sliding_window"] == [5, 0, 5]
+    assert config["embed_scale"] == np.float32(8.0) and config["attn_scale"] == np.float32(12 ** -0.5)
+    for layer, want in enumerate([inv_freq(1e4, 16), inv_freq(1e6, 16, 4.0), inv_freq(1e4, 16)]):
+        np.testing.assert_allclose(config["rope"][layer]["inv_freq"], want, rtol=1e-6)
+    sequences = random_sequences(3, VOCAB, [24, 9, 31], seed=2)
+    means, _ = model.mean_sink_values(sequences)
+    assert_close(means, eager_sink_means(folder, sequences))
+
+    # The same model with a transformers-4 style config: rope_theta / rope_local_base_freq, rope_scaling for the
+    # global layers, sliding_window_pattern instead of layer_types.
+    doc = json.loads((folder / "config.json").read_text())
+    for key in ("rope_parameters", "layer_types", "_sliding_window_pattern"):
+        doc.pop(key, None)
+    doc.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 4.0},
+               sliding_window_pattern=2)
+    (folder / "config.json").write_text(json.dumps(doc))
+    legacy = sinkcheck.Model(str(folder))
+    assert legacy.config["rope"] == config["rope"] and legacy.config["sliding_window"] == [5, 0, 5]
+    assert legacy.mean_sink_values(sequences)[0] == means
+    assert_close(means, eager_sink_means(folder, sequences))
+
+
+def test_phi3_longrope_and_partial_rotary(tmp_path):
+    """Phi-3.5 / Phi-4-mini style RoPE: longrope (short factors and cos/sin scaled by the attention factor up to
+    original_max_position_embeddings) on the first 12 of 16 dims; longer probes are refused, since transformers
+    then switches to the long factors for a whole batch at once."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.1, 1.5, 2.0, 3.0, 5.0], "long_factor": [2.0, 2.0, 3.0, 4.0, 6.0, 9.0]}
+    folder = save_checker_model(tmp_path, "phi3", seed=6, num_hidden_layers=3, rope_parameters=rope,
+                                original_max_position_embeddings=64, max_position_embeddings=512)
+    model = sinkcheck.Model(str(folder))
+    (layer_rope, *_) = model.config["rope"]
+    assert layer_rope["rotary_dim"] == 12
+    assert layer_rope["attention_scaling"] == pytest.approx(np.sqrt(1 + np.log(8) / np.log(64)), rel=1e-6)
+    np.testing.assert_allclose(layer_rope["inv_freq"], inv_freq(1e4, 12) / np.float32(rope["short_factor"]), rtol=1e-6)
+    sequences = random_sequences(3, VOCAB, [40, 22, 64], seed=4)
+    means, _ = model.mean_sink_values(sequences)
+    assert_close(means, eager_sink_means(folder, sequences))
+    with pytest.raises(sinkcheck.CheckError, match=r"probe sequence 3 has 65 tokens, more than this model's longrope "
+                                                   r"original_max_position_embeddings \(64\)"):
+        model.mean_sink_values(sequences + [[1] * 65])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "olmo2"])
+def test_attention_bias(tmp_path, family):
+    """attention_bias: biases on q, k, v and o (randomised by save_checker_model), before the q/k norms."""
+    folder = save_checker_model(tmp_path, family, seed=7, attention_bias=True)
+    sequences = random_sequences(3, VOCAB, [24, 9, 31], seed=5)
+    means, _ = sinkcheck.Model(str(folder)).mean_sink_values(sequences)
+    assert_close(means, eager_sink_means(folder, sequences))
 
 
 # ---------------------------------------------------------------------------------------------------------------

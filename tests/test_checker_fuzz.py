@@ -24,10 +24,33 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_
                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
 
 
+# One config per family whose fields differ: Gemma 3 (layer types, per-type RoPE, scalings), Phi-3 (longrope with
+# partial rotary), Qwen3 (sliding layers), OLMo 2.
+SIZES = {k: CONFIG[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps")}
+FAMILY_CONFIGS = {
+    "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **SIZES,
+               "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 512,
+               "layer_types": ["sliding_attention", "full_attention"], "attn_logit_softcapping": None,
+               "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **SIZES, "sliding_window": 2047,
+             "original_max_position_embeddings": 4096, "max_position_embeddings": 131072,
+             "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+                                 "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **SIZES, "use_sliding_window": True,
+              "sliding_window": 64, "layer_types": ["full_attention", "sliding_attention"], "attention_bias": True},
+    "olmo2": {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", **SIZES,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+}
+
+
 def seed_corpus(folder):
     folder.mkdir()
     (folder / "valid.safetensors").write_bytes(image(valid_header()))
     (folder / "config.json").write_text(json.dumps(CONFIG))
+    for family, config in FAMILY_CONFIGS.items():
+        (folder / f"config_{family}.json").write_text(json.dumps(config))
     for k, (data, _) in enumerate(CORPUS.values()):
         (folder / f"broken_{k}").write_bytes(data)
 
@@ -61,4 +84,11 @@ def test_fuzz_parsers(tmp_path):
                                      UBSAN_OPTIONS="print_stacktrace=1"))
     assert replay.returncode == 0, (replay.stdout + replay.stderr)[-3000:]
     replayed = int(re.search(r"replayed (\d+) inputs", replay.stdout).group(1))
-    assert replayed >= len(CORPUS) + 2
+    assert replayed >= len(CORPUS) + 2 + len(FAMILY_CONFIGS)
+
+
+def test_family_seed_configs_are_valid():
+    """The seeds start the fuzzer from configs that parse: every family's fields are reached."""
+    from sinkcheck import _core
+    for family, config in FAMILY_CONFIGS.items():
+        assert _core.check_config(json.dumps(config).encode())["family"] in (family, "gemma3_text")

@@ -222,6 +222,138 @@ def test_cli_rejects_bad_checkpoint(base, name):
     expect_bad_input(folder, "--probes", base["probes"], message=message)
 
 
+# The new families' fields: each case changes a good 3-layer model of the family (tiny.py's Gemma 3 has local layers
+# 0 and 2 and global layer 1; Phi-3 is given longrope with original_max_position_embeddings 16 and rotary dims
+# 12 of 16) and must be refused with its own message, never computed some other way.
+PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                 "short_factor": [1.0] * 6, "long_factor": [4.0] * 6}
+FAMILY_BASES = {"qwen3": {}, "gemma3": {}, "olmo2": {},
+                "phi3": dict(rope_parameters=PHI3_LONGROPE, original_max_position_embeddings=16)}
+
+
+def set_rope(**fields):
+    return lambda doc: doc["rope_parameters"].update(fields)
+
+
+def set_gemma3_rope(layer_type, **fields):
+    return lambda doc: doc["rope_parameters"][layer_type].update(fields)
+
+
+FAMILY_CASES = {
+    # Gemma 3
+    "gemma3 multimodal": ("gemma3", dict(config=set_field(model_type="gemma3",
+                                                          architectures=["Gemma3ForConditionalGeneration"])),
+                          "model_type 'gemma3' is the multimodal Gemma 3 (Gemma3ForConditionalGeneration)"),
+    "gemma3 soft-capping": ("gemma3", dict(config=set_field(attn_logit_softcapping=50.0)),
+                            "'attn_logit_softcapping' is set; sinkcheck does not implement soft-capped attention"),
+    "gemma3 bidirectional": ("gemma3", dict(config=set_field(use_bidirectional_attention=True)),
+                             "'use_bidirectional_attention' is set; sinkcheck implements causal attention only"),
+    "gemma3 activation": ("gemma3", dict(config=set_field(hidden_activation="gelu")),
+                          "unsupported hidden_activation 'gelu'"),
+    "gemma3 query scalar": ("gemma3", dict(config=set_field(query_pre_attn_scalar=-4)),
+                            "'query_pre_attn_scalar' must be a positive number"),
+    "gemma3 layer type": ("gemma3", dict(config=set_field(layer_types=["sliding_attention", "chunked_attention",
+                                                                       "full_attention"])),
+                          "layer_types[1] is 'chunked_attention' (sinkcheck implements full_attention and "
+                          "sliding_attention)"),
+    "gemma3 layer count": ("gemma3", dict(config=set_field(layer_types=["sliding_attention", "full_attention"])),
+                           "layer_types must list one type per layer"),
+    "gemma3 no window": ("gemma3", dict(config=set_field(sliding_window=None)),
+                         "sliding_window is null but layer 0 is a sliding_attention layer"),
+    "gemma3 flat rope": ("gemma3", dict(config=set_field(rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+                         "rope_parameters must be keyed by layer type (full_attention, sliding_attention)"),
+    "gemma3 global rope type": ("gemma3", dict(config=set_gemma3_rope("full_attention", rope_type="yarn", factor=2.0)),
+                                "(full_attention layers): unsupported rope type 'yarn'"),
+    "gemma3 local rope partial": ("gemma3",
+                                  dict(config=set_gemma3_rope("sliding_attention", partial_rotary_factor=0.5)),
+                                  "partial_rotary_factor other than 1 is not supported for this family"),
+    "gemma3 missing norm": ("gemma3", dict(tensors=drop("model.layers.1.pre_feedforward_layernorm.weight")),
+                            "missing tensor 'model.layers.1.pre_feedforward_layernorm.weight'"),
+    "gemma3 NaN post-norm": ("gemma3", dict(tensors=poke("model.layers.0.post_feedforward_layernorm.weight", (9,),
+                                                         float("nan"))),
+                             "'model.layers.0.post_feedforward_layernorm.weight' holds a non-finite value (NaN) "
+                             "at [9]"),
+    # Qwen3
+    "qwen3 q_norm missing": ("qwen3", dict(tensors=drop("model.layers.2.self_attn.q_norm.weight")),
+                             "missing tensor 'model.layers.2.self_attn.q_norm.weight'"),
+    "qwen3 k_norm over the projection": ("qwen3", dict(tensors=lambda state: state.__setitem__(
+        "model.layers.0.self_attn.k_norm.weight", torch.ones(32))),
+        "'model.layers.0.self_attn.k_norm.weight' has shape [32] but config.json implies [16]"),
+    "qwen3 bias without tensors": ("qwen3", dict(config=set_field(attention_bias=True)),
+                                   "missing tensor 'model.layers.0.self_attn.q_proj.bias'"),
+    "qwen3 partial rotary": ("qwen3", dict(config=set_rope(partial_rotary_factor=0.5)),
+                             "partial_rotary_factor other than 1 is not supported for this family"),
+    "qwen3 rope by layer type": ("qwen3",
+                                 dict(config=set_field(rope_parameters={"full_attention": {"rope_theta": 1e4}})),
+                                 "rope parameters keyed by layer type, but this family has one rotary embedding"),
+    "qwen3 window layer type": ("qwen3", dict(config=set_field(use_sliding_window=True,
+                                                               layer_types=["full_attention", 3, "full_attention"])),
+                                "layer_types[1] is not a string"),
+    # Phi-3
+    "phi3 fused qkv shape": ("phi3", dict(tensors=lambda state: state.__setitem__(
+        "model.layers.1.self_attn.qkv_proj.weight", state["model.layers.1.self_attn.qkv_proj.weight"][:96].clone())),
+        "'model.layers.1.self_attn.qkv_proj.weight' has shape [96, 64] but config.json implies [128, 64]"),
+    "phi3 fused gate_up missing": ("phi3", dict(tensors=drop("model.layers.0.mlp.gate_up_proj.weight")),
+                                   "missing tensor 'model.layers.0.mlp.gate_up_proj.weight'"),
+    # The v rows of layer 0's fused projection: a NaN there is found, and named in the fused tensor.
+    "phi3 NaN in fused v": ("phi3", dict(tensors=poke("model.layers.0.self_attn.qkv_proj.weight", (100, 3),
+                                                      float("nan"))),
+                            "'model.layers.0.self_attn.qkv_proj.weight' holds a non-finite value (NaN) at [100, 3]"),
+    "phi3 odd rotary dims": ("phi3", dict(config=set_rope(partial_rotary_factor=0.2)),
+                             "head_dim x partial_rotary_factor must be a positive even number"),
+    "phi3 rotary factor above 1": ("phi3", dict(config=set_rope(partial_rotary_factor=1.5)),
+                                   "partial_rotary_factor must be in (0, 1]"),
+    "phi3 short factors": ("phi3", dict(config=set_rope(short_factor=[1.0] * 8)),
+                           "longrope 'short_factor' must be a list of 6 numbers (rotary dims / 2)"),
+    "phi3 no long factors": ("phi3", dict(config=lambda doc: doc["rope_parameters"].pop("long_factor")),
+                             "longrope 'long_factor' must be a list of 6 numbers"),
+    "phi3 dynamic rope": ("phi3", dict(config=set_rope(rope_type="dynamic", factor=2.0)),
+                          "unsupported rope type 'dynamic' (sinkcheck supports default, linear, llama3 and longrope)"),
+    "phi3 activation": ("phi3", dict(config=set_field(hidden_act="relu")), "unsupported hidden_act 'relu'"),
+    # OLMo 2
+    "olmo2 per-head k_norm": ("olmo2", dict(tensors=lambda state: state.__setitem__(
+        "model.layers.0.self_attn.k_norm.weight", torch.ones(16))),
+        "'model.layers.0.self_attn.k_norm.weight' has shape [16] but config.json implies [32]"),
+    "olmo2 missing post-norm": ("olmo2", dict(tensors=drop("model.layers.1.post_feedforward_layernorm.weight")),
+                                "missing tensor 'model.layers.1.post_feedforward_layernorm.weight'"),
+    "olmo2 rope type": ("olmo2", dict(config=set_rope(rope_type="yarn", factor=4.0)), "unsupported rope type 'yarn'"),
+}
+
+
+@pytest.fixture(scope="module")
+def family_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_families")
+    probes = write_probes(root / "probes.json", [[257, 1, 2, 3]], [[257, 4, 5, 6]])
+    return {family: {"root": root, "probes": probes,
+                     "folder": save_checker_model(root / f"good_{family}", family, seed=1, num_hidden_layers=3,
+                                                  **overrides)}
+            for family, overrides in FAMILY_BASES.items()}
+
+
+def test_family_bases_are_good(family_bases):
+    for family, base in family_bases.items():
+        done = run_cli(base["folder"], "--probes", base["probes"])
+        assert done.returncode == 0, (family, done.stderr)
+
+
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_cli_rejects_bad_family_checkpoint(family_bases, name):
+    family, changes, message = FAMILY_CASES[name]
+    base = family_bases[family]
+    folder = variant(base, name.replace(" ", "_"), **changes)
+    expect_bad_input(folder, "--probes", base["probes"], message=message)
+
+
+def test_longrope_refuses_probes_past_its_original_length(family_bases):
+    """Phi-3's longrope switches to its long factors past original_max_position_embeddings (16 here), for a whole
+    batch at once in transformers: such probes are refused, not computed with either set of factors."""
+    base = family_bases["phi3"]
+    long_probes = write_probes(base["root"] / "long.json", [[257] + list(range(1, 17))], [[257, 4, 5, 6]])
+    expect_bad_input(base["folder"], "--probes", long_probes,
+                     message="harmful sequence 0 has 17 tokens, more than this model's longrope "
+                             "original_max_position_embeddings (16)")
+
+
 def test_nan_checkpoint_does_not_pass_the_gate(base):
     """Before: the NaN heads were not counted as positive, so --max-positive passed (exit 0) and --json held NaN."""
     folder = variant(base, "nan_gate", tensors=poke("model.layers.0.self_attn.k_proj.weight", (0, 0), float("nan")))

@@ -1,7 +1,7 @@
 """Tiny random models and a byte-level tokenizer with a ChatML template, built from configs.
 
-Tests need real transformers models of each family (Llama, Qwen2, Mistral) with no download: these are
-small enough to train for a few steps on a CPU in seconds.
+Tests need real transformers models of each family (Llama, Qwen2, Mistral, Qwen3, Gemma 3, Phi-3, OLMo 2) with no
+download: these are small enough to train for a few steps on a CPU in seconds.
 """
 from pathlib import Path
 
@@ -39,6 +39,17 @@ FAMILIES = {
     "llama": dict(model_type="llama", tie_word_embeddings=True),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),
     "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=None),
+    # Qwen3: per-head q/k RMSNorms.
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=False),
+    # Gemma 3 (text): (1 + weight) norms around attention and MLP, q/k norms, query_pre_attn_scalar unlike head_dim,
+    # sqrt(hidden) embedding scale, gelu_pytorch_tanh; local layers 0, 2, ... with an 8-token window and base 1e4,
+    # global layers 1, 3, ... with base 1e6.
+    "gemma3": dict(model_type="gemma3_text", tie_word_embeddings=True, query_pre_attn_scalar=12, sliding_window=8,
+                   sliding_window_pattern=2),
+    # Phi-3: fused qkv_proj and gate_up_proj.
+    "phi3": dict(model_type="phi3", tie_word_embeddings=False),
+    # OLMo 2: no norm before attention or MLP; norms after them, and q/k norms over the whole projection.
+    "olmo2": dict(model_type="olmo2", tie_word_embeddings=False),
 }
 
 

@@ -22,7 +22,8 @@ REASONS = ["too short", "runs past the end", "100 MB limit", "not a JSON object"
            "header entry is not an object", "unknown header field", "needs dtype", "dtype must be", "unknown dtype",
            "shape must be", "shape entry", "overflows", "data_offsets must", "data_offsets begin", "is after end",
            "past the data area", "does not match shape", "overlap", "empty name", "__metadata__", "unsupported architecture",
-           "missing '", "positive integer", "rope", "hidden_act", "layer_types", "must be"]
+           "missing '", "positive integer", "rope", "hidden_act", "layer_types", "must be", "longrope",
+           "partial_rotary_factor", "hidden_activation", "is set;", "sliding_window", "multimodal", "keyed by layer type"]
 
 
 @atheris.instrument_func

@@ -11,7 +11,8 @@ from pathlib import Path
 EXIT_OK, EXIT_GATE, EXIT_BAD_INPUT = 0, 1, 2
 
 DESCRIPTION = """\
-Audit the attention-sink divergence of a Llama-family checkpoint (Llama incl. SmolLM2, Mistral, Qwen2).
+Audit the attention-sink divergence of a decoder checkpoint: Llama (incl. SmolLM2), Mistral, Qwen2, Qwen3,
+Gemma 3 (text), Phi-3 and OLMo 2.
 
 For every layer and query head h, a_h(X) is the mean over probe sequences of the mean attention weight
 that queries after the sink position put on the sink; the divergence is d_h = a_h(harmful) - a_h(harmless),
