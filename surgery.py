@@ -431,6 +431,21 @@ def task_loss_sum(model, batch):
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+def task_loss_and_divergence(model, batch, harmful, harmless, sink_pos, eager=False):
+    """One forward per step: the task rows and the reference pair in one batch. The task loss (summed over the
+    answer tokens) comes from the task rows, d_h from the reference rows; every row is as in a pass of its own
+    (join_batches). The reference rows go through the same training-mode forward as the task rows (LoRA dropout
+    included): one pass has one mode."""
+    joint = join_batches(batch, harmful, harmless)
+    targets, predicts_answer = answer_targets(joint["labels"])
+    logits, columns = forward_with_sinks(model, joint, sink_pos, predicts_answer, eager)
+    n_task = batch["input_ids"].shape[0]
+    per_sequence, has_query = per_sequence_sink_values(columns[:, n_task:], joint["attention_mask"][n_task:],
+                                                       sink_pos)
+    return (F.cross_entropy(logits.float(), targets, reduction="sum"),
+            divergence_of_rows(per_sequence, has_query, harmful["input_ids"].shape[0], sink_pos))
+
+
 class Defense:
     """The extension point for the other defenses (defenses/): hooks the training loop calls in every step.
     The base class does nothing. Parameters a defense trains itself must live outside the model, so that the
@@ -467,18 +482,19 @@ class Objective(nn.Module):
         self.model, self.args, self.defense, self.world_size = model, args, defense, world_size
 
     def forward(self, batch, n_tokens, weight, references=None, step=0):
-        task = task_loss_sum(self.model, batch)
         whole_terms = 0.0  # terms of the whole step (not of this micro-batch's share), added on its last one
         divergence = penalty = extra = None
+        if references is not None and self.args.alpha > 0:  # the reference pair rides in this micro-batch
+            task, divergence = task_loss_and_divergence(self.model, batch, *references, self.args.sink_pos,
+                                                        self.args.sink_impl == "eager")
+            penalty = sink_penalty(divergence)
+        else:
+            task = task_loss_sum(self.model, batch)
         if references is not None:
             extra = self.defense.extra_loss(self.model, step) if self.defense is not None else None
             if extra is not None:
                 whole_terms = whole_terms + extra
-            if self.args.alpha > 0:
-                with without_dropout(self.model):
-                    divergence = sink_divergence(self.model, *references, self.args.sink_pos,
-                                                 self.args.sink_impl == "eager")
-                penalty = sink_penalty(divergence)
+            if penalty is not None:
                 whole_terms = whole_terms + self.args.alpha * penalty
         # With several processes each holds a share of the task loss and the whole penalty (scale.py says how).
         loss = scale.data_parallel_loss(weight * task / n_tokens, whole_terms, self.world_size)

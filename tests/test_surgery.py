@@ -98,6 +98,44 @@ def test_divergence_from_one_joint_pass_equals_two_separate_passes():
     assert max((a - b).abs().max() for a, b in zip(results["joint"][1], results["separate"][1])) < 1e-6
 
 
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("sink_pos", [0, 1])
+def test_one_forward_equals_separate_task_and_reference_passes(full, sink_pos):
+    """The training step's one forward (task rows + reference pair) gives the task loss, the penalty and their
+    gradients of separate passes, in fp32."""
+    model, tokenizer = tiny_model("llama", attn_implementation=surgery.SINK_ATTENTION)
+    if full:
+        model.requires_grad_(True)
+    else:
+        add_random_lora(model)
+    model.train()  # the step's mode; dropout is 0 in this model and its adapters
+    records = [{"instruction": f"Review number {i}: {'good ' * (i + 1)}film. Sentiment?",
+                "output": "positive" if i % 2 else "negative"} for i in range(3)]
+    encoded = [surgery.encode(tokenizer, r, 96) for r in records]
+    batch = surgery.pad_batch([ids for ids, _ in encoded], tokenizer.pad_token_id, [lab for _, lab in encoded])
+    harmful, harmless = padded_batch(tokenizer, TEXTS[:2]), padded_batch(tokenizer, TEXTS[2:])
+    assert len({b["input_ids"].shape[1] for b in (batch, harmful, harmless)}) == 3  # the joint batch pads rows
+    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    results = {}
+    for name in ("separate", "joint"):
+        model.zero_grad()
+        if name == "separate":
+            task = surgery.task_loss_sum(model, batch)
+            divergence = surgery.sink_divergence(model, harmful, harmless, sink_pos)
+        else:
+            task, divergence = surgery.task_loss_and_divergence(model, batch, harmful, harmless, sink_pos)
+        penalty = surgery.sink_penalty(divergence)
+        (task / n_tokens + 300.0 * penalty).backward()
+        results[name] = (task.detach() / n_tokens, divergence.detach(), penalty.detach(),
+                         [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    (task_s, d_s, pen_s, grads_s), (task_j, d_j, pen_j, grads_j) = results["separate"], results["joint"]
+    assert pen_s > 0 and task_s > 0
+    assert (task_s - task_j).abs() < 1e-6 and (d_s - d_j).abs().max() < 1e-6 and (pen_s - pen_j).abs() < 1e-6
+    scale_of_gradients = max(g.abs().max() for g in grads_s)
+    assert scale_of_gradients > 1e-3  # the gradients compared are not all zero
+    assert max((a - b).abs().max() for a, b in zip(grads_s, grads_j)) < 1e-6 * scale_of_gradients
+
+
 # --- 4. the regulariser -------------------------------------------------------------------------------------------
 
 def test_sink_penalty_is_mean_relu_over_all_heads():
@@ -450,7 +488,7 @@ def test_full_resume_after_interrupt_is_bit_for_bit(tmp_path, tiny_run_inputs):
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
 
 
-def test_reference_passes_run_without_dropout(tmp_path, tiny_run_inputs, monkeypatch):
+def test_sft_log_measures_the_divergence_without_dropout(tmp_path, tiny_run_inputs, monkeypatch):
     seen = []
     real = surgery.sink_divergence
 
@@ -458,7 +496,8 @@ def test_reference_passes_run_without_dropout(tmp_path, tiny_run_inputs, monkeyp
         seen.append([m.training for m in model.modules() if isinstance(m, torch.nn.Dropout)])
         return real(model, *rest, **kw)
     monkeypatch.setattr(surgery, "sink_divergence", spy)
-    surgery.main(run_args(tiny_run_inputs, tmp_path / "out", "--max-steps", "2", "--lora-dropout", "0.5"))
+    surgery.main(run_args(tiny_run_inputs, tmp_path / "out", "--max-steps", "2", "--lora-dropout", "0.5",
+                          "--alpha", "0", "--log-every", "1"))
     assert len(seen) == 2 and all(flags and not any(flags) for flags in seen)
 
 
