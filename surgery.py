@@ -51,20 +51,25 @@ from common import (ArgumentParser, NonFiniteError, UserError, make_folder_publi
 
 def read_records(path):
     """Records from a JSON list or a JSONL file, each with an instruction and an output."""
-    records = read_json_rows(path)
+    return records_from_rows(read_json_rows(path), path)
+
+
+def records_from_rows(rows, source):
+    """{"instruction", "output"} records from rows with 'instruction' (or 'prompt'), an optional 'input' (appended
+    to the instruction) and 'output' (or 'response'); `source` names the rows in errors."""
     out = []
-    for i, rec in enumerate(records, start=1):
+    for i, rec in enumerate(rows, start=1):
         instruction = rec.get("instruction", rec.get("prompt")) if isinstance(rec, dict) else None
         output = rec.get("output", rec.get("response")) if isinstance(rec, dict) else None
         if not isinstance(instruction, str) or not isinstance(output, str):
-            raise UserError(f"{path}: record {i} needs string fields 'instruction' (or 'prompt') "
+            raise UserError(f"{source}: record {i} needs string fields 'instruction' (or 'prompt') "
                             f"and 'output' (or 'response')")
         extra = rec.get("input") or ""
         if not isinstance(extra, str):
-            raise UserError(f"{path}: record {i}: 'input' must be a string")
+            raise UserError(f"{source}: record {i}: 'input' must be a string")
         out.append({"instruction": instruction + ("\n\n" + extra if extra else ""), "output": output})
     if not out:
-        raise UserError(f"{path}: no records")
+        raise UserError(f"{source}: no records")
     return out
 
 
@@ -835,6 +840,15 @@ def main(argv=None, defense=None):
         raise SystemExit(130)
     finally:
         scale.stop(started)
+
+
+def __getattr__(name):
+    """`from surgery import SurgeryTrainer, SurgeryMixin`: the method inside transformers' Trainer
+    (surgery_trainer.py), imported on first use so that surgery.py itself does not load the Trainer."""
+    if name in ("SurgeryTrainer", "SurgeryMixin"):
+        import surgery_trainer
+        return getattr(surgery_trainer, name)
+    raise AttributeError(f"module 'surgery' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

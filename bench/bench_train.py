@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Training-step cost of Surgery: (a) plain SFT, (b) Surgery with the fused sink column, (c) Surgery from eager
 attention maps as the released code does; with --variants, also (d) AsFT and (e) SAP in the same loop
-(defenses/). With --kinds, the same variants for several kinds of training: LoRA or full fine-tuning, fp32 or bf16
-weights, with or without activation checkpointing. Same model, batch and sequence length throughout. Prints each
-variant's ratio of median step time and of peak memory to plain SFT of the same kind.
+(defenses/), and the Trainer path: (f) transformers' Trainer, plain, (g) SurgeryTrainer (surgery_trainer.py) and
+(h) the plain Trainer on 2 more task rows per batch (the measured floor of (g)), each one `Trainer.training_step`
+(forward, backward) plus clipping and the optimizer step. With --kinds, the same variants for several kinds of
+training: LoRA or full fine-tuning, fp32 or bf16 weights, with or without activation checkpointing. Same model, batch
+and sequence length throughout. Prints each variant's ratio of median step time and of peak memory to plain SFT of
+the same kind.
 
     python bench/bench_train.py [--model M | --config llama3-8b] [--batch-size 8] [--seq-len 256] [--rounds 6]
                                 [--variants abc] [--kinds lora,lora-bf16,full,full-bf16,full-bf16-ckpt]
+    python bench/bench_train.py --variants fgh    # SurgeryTrainer vs Trainer, against the floor of its extra rows
 
 --config times a randomly initialised model of a shape (a config.json, or llama3-8b: meta-llama/Llama-3.1-8B's)
 on random token ids, built directly on the device: the paper's 8B setting on a GPU without its weights or data.
@@ -16,7 +20,9 @@ flags: `lora` (LoRA adapters, fp32 weights: the default), `lora-bf16` (--dtype b
 adapters and their AdamW state in fp32), `full` (--full: every weight trained in fp32), `full-bf16` (--full
 --dtype bf16: pure bf16 weights, gradients and AdamW state, as the released code), and `-ckpt`
 (--grad-checkpointing: each decoder layer's activations recomputed in backward). AsFT (d) and SAP (e) are LoRA
-methods here: LoRA kinds only.
+methods here: LoRA kinds only. (f), (g) and (h) train the same model with the Trainer's own step; (g)/(f) is compared
+with the arithmetic floor of one forward over the task rows and the reference pair, (batch + 2 ref rows) / batch in
+tokens (every sequence is --seq-len long), and with (h)/(f), what the plain Trainer's step costs on as many rows.
 
 Step time: one process runs every (kind, variant) pair interleaved (a round is one step of each, in rotating
 order), so load from other processes falls on all of them alike; the median over rounds is compared. Peak memory:
@@ -45,7 +51,9 @@ from defenses.asft import AsFT  # noqa: E402
 from defenses.sap import SAP  # noqa: E402
 
 VARIANTS = {"a": "plain SFT", "b": "Surgery, fused sink column", "c": "Surgery, eager attention maps",
-            "d": "AsFT (lambda 1)", "e": "SAP (rho 2e-5)"}
+            "d": "AsFT (lambda 1)", "e": "SAP (rho 2e-5)", "f": "Trainer (transformers), plain",
+            "g": "SurgeryTrainer (alpha 300)", "h": "Trainer, plain, batch + 2 rows"}
+TRAINER_VARIANTS = "fgh"
 LORA_ONLY = "de"
 KIND_PATTERN = re.compile(r"^(lora|full)(-bf16)?(-ckpt)?$")
 
@@ -170,11 +178,54 @@ class Bench:
         for defense in filter(None, self.defenses.values()):
             defense.setup(self.model, tokenizer, self.run)
         # One Objective per variant (its defense term differs); they share the model and self.run.
-        self.objectives = {v: surgery.Objective(self.model, self.run, self.defenses.get(v)) for v in variants}
+        self.objectives = {v: surgery.Objective(self.model, self.run, self.defenses.get(v)) for v in variants
+                           if v not in TRAINER_VARIANTS}
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        # The Trainer path: a Trainer per variant on the same model, each with its own AdamW (lr 1e-5 as above).
+        self.trainers = {v: self.make_trainer(v, tokenizer) for v in variants if v in TRAINER_VARIANTS}
         self.model.train()
         self.tokenizer = tokenizer
         self.step_index = 0
+
+    def make_trainer(self, variant, tokenizer):
+        import tempfile
+
+        import transformers
+        from surgery_trainer import SurgeryTrainer
+        cuda = self.device.type == "cuda"
+        if not hasattr(self, "trainer_dir"):  # the Trainer's output_dir: nothing is written there, removed at exit
+            self.trainer_dir = tempfile.TemporaryDirectory(prefix="bench_trainer.")
+        # As surgery.py (scale.step_autocast): fp32 weights compute in bf16 autocast on a GPU.
+        args = transformers.TrainingArguments(
+            output_dir=self.trainer_dir.name, use_cpu=not cuda, report_to=[], learning_rate=1e-5,
+            max_grad_norm=self.run.grad_clip, per_device_train_batch_size=self.run.batch_size, seed=self.run.seed,
+            bf16=cuda and self.run.dtype == "fp32", disable_tqdm=True)
+        common = dict(model=self.model, args=args, processing_class=tokenizer)
+        if variant in "fh":
+            trainer = transformers.Trainer(**common)
+        else:  # the same token ids as (b): references passed as token-id lists
+            trainer = SurgeryTrainer(**common, harmful_refs=self.refs[0], harmless_refs=self.refs[1], alpha=300.0,
+                                     ref_batch=self.run.ref_batch, max_ref_len=self.run.max_len)
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1
+        return trainer
+
+    def trainer_step(self, variant):
+        """The Trainer's step without its outer loop: training_step (forward and backward of compute_loss),
+        clipping, the optimizer step. (h): as many more task rows as (g) has reference rows."""
+        trainer = self.trainers[variant]
+        rows = self.run.batch_size + (2 * self.run.ref_batch if variant == "h" else 0)
+        indices = surgery.batch_indices(self.step_index, len(self.examples), rows, self.run.seed)
+        batch = surgery.to_device(surgery.pad_batch([self.examples[i][0] for i in indices], self.run.pad_id,
+                                                    [self.examples[i][1] for i in indices]), self.device)
+        n_items = (batch["labels"][:, 1:] != -100).sum()  # as Trainer.get_batch_samples counts them
+        trainer.state.global_step = self.step_index
+        trainer.training_step(self.model, batch, n_items)
+        if self.run.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           self.run.grad_clip)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
 
     def step(self, variant):
         """One training step of a variant; returns its seconds."""
@@ -185,8 +236,11 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        surgery.train_step(self.objectives[variant], self.optimizer, self.step_index, self.examples, self.refs,
-                           self.run, scale.World(0, 1), self.defenses.get(variant))
+        if variant in TRAINER_VARIANTS:
+            self.trainer_step(variant)
+        else:
+            surgery.train_step(self.objectives[variant], self.optimizer, self.step_index, self.examples, self.refs,
+                               self.run, scale.World(0, 1), self.defenses.get(variant))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.step_index += 1
@@ -241,7 +295,8 @@ def main():
     p.add_argument("--rounds", type=int, default=6,
                    help="timed rounds, one step of each (kind, variant) per round (default 6)")
     p.add_argument("--variants", default="abc", help="which variants to run, (a) always: a plain SFT, b fused "
-                                                     "Surgery, c eager Surgery, d AsFT, e SAP (default abc)")
+                                                     "Surgery, c eager Surgery, d AsFT, e SAP, f the Trainer, g "
+                                                     "SurgeryTrainer, h the Trainer on 2 more rows (default abc)")
     p.add_argument("--kinds", default="lora",
                    help="comma-separated kinds of training, each measured with every variant and compared with "
                         "its own plain SFT: lora, lora-bf16, full, full-bf16, each optionally with -ckpt "
@@ -320,6 +375,16 @@ def main():
         for variant in args.variants[1:]:
             print(f"({variant})/(a): step time {median[kind, variant] / median[kind, 'a']:.3f}   "
                   f"peak memory {peaks[kind, variant] / peaks[kind, 'a']:.3f}")
+        if set("fg") <= set(args.variants):
+            floor = (args.batch_size + 2 * surgery.parse_args([]).ref_batch) / args.batch_size
+            ratio = median[kind, "g"] / median[kind, "f"]
+            print(f"(g)/(f): step time {ratio:.3f}   peak memory {peaks[kind, 'g'] / peaks[kind, 'f']:.3f}   "
+                  f"arithmetic floor {floor:.3f} (batch {args.batch_size} + 2 reference rows, in tokens): "
+                  f"step time / floor {ratio / floor:.3f}")
+        if set("fgh") <= set(args.variants):
+            print(f"(h)/(f): step time {median[kind, 'h'] / median[kind, 'f']:.3f} (the measured floor)   "
+                  f"(g)/(h): step time {median[kind, 'g'] / median[kind, 'h']:.3f}   "
+                  f"peak memory {peaks[kind, 'g'] / peaks[kind, 'h']:.3f}")
     if len(kinds) > 1:
         first = kinds[0]
         print(f"plain SFT (a) of each kind vs plain SFT of {first}:")
