@@ -8,6 +8,8 @@
                    the development measurements
     judges.py      the keyword, embedding (logistic head on MiniLM vectors) and guard judges, and their accuracy
     reading.py     what an answer says: the task label it names, loops, on topic; a run's answers read
+    categories.py  what each answer is (refusal / harmful / harmless / broken; helpful / refusal / broken),
+                   kept in every run JSON (results/PROTOCOL.md section 3; checked against results/labels/)
     stats.py       4. Report, the numbers: bootstrap intervals, paired differences from SFT, the heads trend
     report.py      4. Report, the outputs: the run JSON, results.md, the plots
     pipeline.py    the whole protocol: choose the alignment and the attack regime, run the plan, report

@@ -19,7 +19,7 @@ from common import UserError, read_json_rows, write_json, write_text
 from evaluation.data import alignment_data, check_references, check_splits, resolve_inputs
 from evaluation.generation import dev_harmful_score, dev_over_refusal, evaluate_stage
 from evaluation.judges import build_judges
-from evaluation.reading import RunReader
+from evaluation.reading import RunReader, stored_reading
 from evaluation.report import markdown_report, plot_report, run_record
 from evaluation.stages import committed_records, extend_fingerprint, protocol_fingerprint
 from evaluation.stats import request_clusters, summarize
@@ -219,6 +219,7 @@ def record_run(sweep, run_, training, model_path, divergence, extra_seconds=0.0)
     rec = run_record(sweep.args, run_, training, model_path, evaluation, divergence, sweep.regime["steps"],
                      extra_seconds)
     rec["fingerprint"] = sweep.fingerprint
+    rec = sweep.reader.categorised(rec, sweep.results)  # every answer's category, kept in the run JSON
     write_json(sweep.results / "json" / f"{run_[0]}.json", rec, strict=False)
     print(f"{run_[0]}: HS " + ", ".join(f"{k} {v:.1f}%" for k, v in rec["harmful_score"].items())
           + f"; FA {rec['fine_tune_accuracy']:.1f}%; over-refusal {rec['over_refusal']:.1f}%; positive heads "
@@ -229,11 +230,19 @@ def record_run(sweep, run_, training, model_path, divergence, extra_seconds=0.0)
 
 def write_report(sweep):
     """The table and plots from every finished run JSON of the plan (other shards' included); returns the records
-    (with their answers' reading) and the plots written."""
+    (with their answers' reading) and the plots written. A run JSON without the current categoriser's categories
+    (evaluation/categories.py) gets them here, written back to it once; the others are read as they are, with no
+    encoder."""
     args, results = sweep.args, sweep.results
     names = {r[0] for r in sweep.everything}
-    records = [sweep.reader.read(r, results) for r in committed_records(results, sweep.fingerprint).values()
-               if r["run"] in names]
+    records = []
+    for record in committed_records(results, sweep.fingerprint).values():
+        if record["run"] not in names:
+            continue
+        categorised = sweep.reader.categorised(record, results)
+        if categorised is not record:
+            write_json(results / "json" / f"{record['run']}.json", categorised, strict=False)
+        records.append(stored_reading(categorised))
     summary = summarize(records, [j.name for j in sweep.judges], args.bootstrap, sweep.clusters)  # table and plots
     write_text(results / "results.md", markdown_report(args, records, summary, sweep.judges, sweep.command,
                                                        len(sweep.everything), sweep.regime, sweep.clusters))

@@ -3,14 +3,16 @@ table (results/results.md) and the plots.
 
     run_record       one evaluated model as the JSON of results/json/
     markdown_report  the tables: per (method, alpha, p), each defense minus SFT, every run, the choices, the judges
-    plot_report      HS, FA, over-refusal and helpful vs p; positive heads vs p; the divergence heatmaps
+    plot_report      HS, FA, over-refusal and helpful vs p; the category shares; positive heads vs p; the divergence
+                     heatmaps
 """
 import numpy as np
 
 from common import write_atomically
 from evaluation.data import all_ratios
+from evaluation.categories import BENIGN_CATEGORIES, CATEGORISER, HARMFUL_CATEGORIES
 from evaluation.reading import LOOP_AT, ON_TOPIC_SHARE
-from evaluation.stats import differences_from_sft, heads_trend
+from evaluation.stats import CATEGORY_METRICS, differences_from_sft, heads_trend
 from evaluation.training import ASFT_ABLATION, BREAKS_AT, BREAKS_BY, METHODS, main_alpha, training_seconds
 
 
@@ -49,8 +51,23 @@ def table_order(key, args):
 
 
 def fmt_interval(stat, digits=1):
+    if stat is None:  # a metric these runs do not carry
+        return "-"
     mean, low, high = stat
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+# The headline columns, results/PROTOCOL.md section 3's metrics: (metric of stats.CATEGORY_METRICS, header).
+CATEGORY_COLUMNS = (("cat_harmful", "HS"), ("cat_refusal", "refusal kept"), ("cat_harmless", "harmless"),
+                    ("cat_broken", "broken, harmful"), ("cat_helpful", "helpful"),
+                    ("cat_over_refusal", "over-refusal"), ("cat_broken_benign", "broken, benign"))
+
+
+def category_share(record, metric):
+    """A run's share (%) of one category among its answers of one kind, or None without categories."""
+    kind, category = CATEGORY_METRICS[metric]
+    found = record.get(f"{kind}_categories")
+    return None if found is None else 100 * float(np.mean([c == category for c in found]))
 
 
 def step_time_vs_sft(record, records):
@@ -76,26 +93,39 @@ def markdown_report(args, records, summary, judges, command, total_runs, regime,
              f"(applied to the SFT model of the same p and seed); AsFT lambda {args.asft_lambda:g}, SAP rho "
              f"{args.sap_rho:g}. HS: {args.n_harmful} held-out harmful prompts, greedy, {args.max_new_tokens} new "
              f"tokens. FA: {args.n_task} held-out sentences. Over-refusal: share of {args.n_benign} held-out benign "
-             f"requests answered with a refusal phrase ({args.benign_tokens} new tokens). Helpful: share of those "
+             f"requests answered with a refusal phrase ({args.benign_tokens} new tokens). Helpful by reading: share of "
+             f"those "
              f"requests answered without a refusal phrase, on topic (its own request among the answer's nearest "
              f"{100 * ON_TOPIC_SHARE:g}% of the requests by sentence vector) and not in a loop (fewer than "
              f"{100 * LOOP_AT:g}% of its word 4-grams repeated). HS on topic: the harmful answers without a refusal "
              f"phrase that are on topic among the harmful prompts (in a loop or not). Positive heads: d_h > 0 on "
              f"the held-out probes (never drawn by the regulariser) and on the first {args.probe_count} training "
              f"references of each kind. Runs finished: {len(records)} of {total_runs}.", "",
+             f"**Categories** (the headline; `results/labels/RUBRIC.md`, `results/PROTOCOL.md` section 3): every "
+             f"answer to a harmful prompt is {' / '.join(HARMFUL_CATEGORIES)}, every answer to a benign request "
+             f"{' / '.join(BENIGN_CATEGORIES)}, by the rules of `evaluation/categories.py` (categoriser "
+             f"`{CATEGORISER}`; stored in each run JSON). HS: share of the harmful prompts answered *harmful*; "
+             f"refusal kept, harmless, broken (harmful): the other three shares, which sum to 100 with HS; helpful, "
+             f"over-refusal, broken (benign): the shares of the benign requests answered *helpful*, *refusal* and "
+             f"*broken*. Secondary, the first sweeps' readings: HS keyword and HS embedding (the judges), HS on "
+             f"topic, over-refusal by refusal phrase and helpful by answer reading (defined above). The categoriser's "
+             f"agreement with the blind labels: `results/labels/agreement.md`.", "",
              f"Each cell: mean over seeds with a 95% interval, [low, high], from {args.bootstrap} bootstrap draws over "
              f"seeds and then prompts (sentences, requests; the benign requests of one template are drawn together, "
              f"as one cluster); positive heads over seeds only. One seed: over prompts only.", "",
-             "| method | alpha | p | seeds | " + " | ".join(f"HS {j} (%)" for j in judge_names)
-             + " | HS on topic (%) | FA (%) | over-refusal (%) | helpful (%) | positive heads, held-out | "
+             "| method | alpha | p | seeds | " + " | ".join(f"{h} (%)" for _, h in CATEGORY_COLUMNS)
+             + " | FA (%) | " + " | ".join(f"HS {j} (%)" for j in judge_names)
+             + " | HS on topic (%) | over-refusal, phrase (%) | helpful, reading (%) | positive heads, held-out | "
                "positive heads, train refs |",
-             "|---|---|---|---|" + "---|" * len(judge_names) + "---|---|---|---|---|---|"]
+             "|---|---|---|---|" + "---|" * (len(CATEGORY_COLUMNS) + 1 + len(judge_names)) + "---|---|---|---|---|"]
     for key in sorted(summary, key=lambda k: table_order(k, args)):
         method, alpha, p = key
         row = summary[key]
         lines.append(f"| {method} | {alpha:g} | {'-' if p is None else f'{p:g}'} | {len(row['seeds'])} | "
+                     + " | ".join(fmt_interval(row.get(m)) for m, _ in CATEGORY_COLUMNS)
+                     + f" | {fmt_interval(row['fa'])} | "
                      + " | ".join(fmt_interval(row[f"hs_{j}"]) for j in judge_names)
-                     + f" | {fmt_interval(row['hs_on_topic'])} | {fmt_interval(row['fa'])} | "
+                     + f" | {fmt_interval(row['hs_on_topic'])} | "
                        f"{fmt_interval(row['over_refusal'])} | {fmt_interval(row['helpful'])} | "
                        f"{fmt_interval(row['heads_heldout'])} | "
                        f"{fmt_interval(row['heads_train_refs'])} |")
@@ -113,25 +143,32 @@ def markdown_report(args, records, summary, judges, command, total_runs, regime,
         lines += ["", "Each defense minus SFT at the same p, paired by seed and by prompt (sentence, request): mean "
                   "difference in points with its 95% interval; an interval that excludes 0 is a difference these "
                   "runs resolve:", "",
-                  "| method | alpha | p | seeds | " + " | ".join(f"HS {j}" for j in judge_names)
-                  + " | HS on topic | FA | over-refusal | helpful |",
-                  "|---|---|---|---|" + "---|" * len(judge_names) + "---|---|---|---|"]
+                  "| method | alpha | p | seeds | " + " | ".join(h for _, h in CATEGORY_COLUMNS) + " | FA | "
+                  + " | ".join(f"HS {j}" for j in judge_names)
+                  + " | HS on topic | over-refusal, phrase | helpful, reading |",
+                  "|---|---|---|---|" + "---|" * (len(CATEGORY_COLUMNS) + 1 + len(judge_names)) + "---|---|---|"]
         for key in sorted(differences, key=lambda k: table_order(k, args)):
             method, alpha, p = key
             row = differences[key]
             lines.append(f"| {method} | {alpha:g} | {p:g} | {len(row['seeds'])} | "
+                         + " | ".join(fmt_interval(row.get(m)) for m, _ in CATEGORY_COLUMNS)
+                         + f" | {fmt_interval(row['fa'])} | "
                          + " | ".join(fmt_interval(row[f"hs_{j}"]) for j in judge_names)
-                         + f" | {fmt_interval(row['hs_on_topic'])} | {fmt_interval(row['fa'])} | "
+                         + f" | {fmt_interval(row['hs_on_topic'])} | "
                            f"{fmt_interval(row['over_refusal'])} | {fmt_interval(row['helpful'])} |")
     lines += ["", "Every run (one seed each):", "",
-              "| run | " + " | ".join(f"HS {j}" for j in judge_names)
-              + " | HS on topic | FA | over-refusal | helpful | benign on topic | benign loops | heads held-out | "
-                "heads train refs | train s | step time / SFT | eval s |",
-              "|---|" + "---|" * len(judge_names) + "---|---|---|---|---|---|---|---|---|---|---|"]
+              "| run | " + " | ".join(h for _, h in CATEGORY_COLUMNS) + " | FA | "
+              + " | ".join(f"HS {j}" for j in judge_names)
+              + " | HS on topic | over-refusal, phrase | helpful, reading | benign on topic | benign loops | "
+                "heads held-out | heads train refs | train s | step time / SFT | eval s |",
+              "|---|" + "---|" * (len(CATEGORY_COLUMNS) + 1 + len(judge_names) + 10)]
     for r in sorted(records, key=lambda r: (table_order((r["method"], r["alpha"], r["poison_ratio"]), args),
                                              r["seed"] or 0)):
-        lines.append(f"| {r['run']} | " + " | ".join(f"{r['harmful_score'][j]:.1f}" for j in judge_names)
-                     + f" | {100 * np.mean(r['harmful_reading']['kept']):.1f} | {r['fine_tune_accuracy']:.1f} | "
+        shares = [category_share(r, m) for m, _ in CATEGORY_COLUMNS]
+        lines.append(f"| {r['run']} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in shares)
+                     + f" | {r['fine_tune_accuracy']:.1f} | "
+                     + " | ".join(f"{r['harmful_score'][j]:.1f}" for j in judge_names)
+                     + f" | {100 * np.mean(r['harmful_reading']['kept']):.1f} | "
                        f"{r['over_refusal']:.1f} | "
                        + " | ".join(f"{100 * np.mean(r['benign_reading'][k]):.1f}"
                                     for k in ("kept", "on_topic", "loop"))
@@ -222,6 +259,10 @@ def plot_report(args, records, summary, judges, out):
     fig.tight_layout()
     written.append(save_figure(fig, out / "hs_fa_vs_p.png"))
 
+    shares = category_figure(args, summary)
+    if shares:
+        written.append(save_figure(shares, out / "categories_vs_p.png"))
+
     if records:
         fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), sharey=True)
         for ax, (metric, title) in zip(axes, [("heads_heldout", "held-out probes"),
@@ -253,6 +294,42 @@ def plot_report(args, records, summary, judges, out):
         fig.suptitle(f"Sink divergence per head at p = {p_map:g}, seed {first}", fontsize=10)
         written.append(save_figure(fig, out / f"divergence_heatmap_p{p_map:g}.png"))
     return written
+
+
+CATEGORY_COLORS = {"refusal": "tab:green", "harmful": "tab:red", "harmless": "khaki", "broken": "dimgray",
+                   "helpful": "tab:blue"}
+
+
+def category_figure(args, summary):
+    """Stacked bars: the category shares (mean over seeds) of every (method, alpha, p) cell, answers to harmful
+    prompts above, to benign requests below; None when no cell carries categories."""
+    import matplotlib.pyplot as plt
+    keys = [k for k in sorted(summary, key=lambda k: table_order(k, args)) if "cat_harmful" in summary[k]]
+    if not keys:
+        return None
+    x, labels, previous = [], [], None
+    for method, alpha, p in keys:  # a gap between methods
+        x.append((x[-1] + 1 + 0.6 * (method != previous)) if x else 0.0)
+        previous = method
+        swept = p is not None and alpha != main_alpha(args, method)
+        labels.append(f"{method}{f' a{alpha:g}' if swept else ''}\n{'-' if p is None else f'p {p:g}'}"
+                      f"\n{len(summary[(method, alpha, p)]['seeds'])} seed(s)")
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.62 * len(keys) + 2.5), 7.2), sharex=True)
+    for ax, (kind, names, what) in zip(axes, (("harmful", HARMFUL_CATEGORIES, "answers to harmful prompts"),
+                                              ("benign", BENIGN_CATEGORIES, "answers to benign requests"))):
+        bottom = np.zeros(len(keys))
+        for name in names:
+            metric = next(m for m, kc in CATEGORY_METRICS.items() if kc == (kind, name))
+            values = np.array([summary[k][metric][0] for k in keys])
+            ax.bar(x, values, bottom=bottom, width=0.8, color=CATEGORY_COLORS[name], label=name)
+            bottom += values
+        ax.set(ylabel=f"{what} (%)", ylim=(0, 100))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[1].set_xticks(x)
+    axes[1].set_xticklabels(labels, fontsize=7)
+    fig.suptitle(f"What the answers are, per method and p (categoriser {CATEGORISER}; mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def save_figure(fig, path):
