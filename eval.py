@@ -44,7 +44,7 @@ import sys
 
 import checks
 import surgery
-from common import ArgumentParser, UserError
+from common import ArgumentParser, UserError, check_given, check_output
 from defenses import safetylock
 from evaluation.data import all_ratios
 from evaluation.pipeline import run
@@ -206,12 +206,30 @@ def parse_args(argv=None):
     return args
 
 
+# Upper bounds of eval.py's sizes (the training ones are surgery.py's: checks.FLAG_BOUNDS): beyond them a stage
+# cannot fit in memory or finish, so the flag is a typo.
+SIZE_BOUNDS = {"batch_size": checks.FLAG_BOUNDS["batch_size"], "max_len": checks.FLAG_BOUNDS["max_len"],
+               "lora_rank": checks.FLAG_BOUNDS["lora_rank"], "probe_count": checks.FLAG_BOUNDS["probe_count"],
+               "n_harmful": 1 << 20, "n_dev": 1 << 20, "n_task": 1 << 20, "n_benign": 1 << 20,
+               "n_benign_dev": 1 << 20, "n_train": 1 << 20, "n_align_benign": 1 << 20, "max_new_tokens": 1 << 16,
+               "task_tokens": 1 << 16, "benign_tokens": 1 << 16, "answer_tokens": 1 << 16, "gen_batch": 1 << 16,
+               "bootstrap": 1 << 20, "attack_steps": checks.MAX_STEPS, "align_steps": checks.MAX_STEPS,
+               "save_every": checks.MAX_STEPS}
+# eval.py's input files and folders: each an input of the protocol, none of them an output folder.
+INPUT_FLAGS = ("model", "data", "align_data", "align_benign", "harmful_ref", "harmless_ref", "harmful_probe",
+               "harmless_probe", "eval_harmful", "eval_harmful_dev", "eval_benign", "eval_benign_dev", "eval_task",
+               "judge_train", "judge_test", "triples", "judge_encoder")
+
+
 def validate(args):
     for flag in ("batch_size", "max_len", "lora_rank", "probe_count", "n_harmful", "n_dev",
                  "n_task", "n_benign", "n_benign_dev", "max_new_tokens", "task_tokens", "benign_tokens", "answer_tokens", "gen_batch",
                  "n_train", "bootstrap"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag, bound in SIZE_BOUNDS.items():
+        if getattr(args, flag) is not None and getattr(args, flag) > bound:
+            raise UserError(f"--{flag.replace('_', '-')} must be at most {bound:,}, got {getattr(args, flag):,}")
     if args.n_align_benign is not None and args.n_align_benign < 1:
         raise UserError("--n-align-benign must be at least 1")
     for flag in ("alpha", "alpha_sweep", "asft_lambda", "sap_rho", "safetylock_alpha", "safetylock_alpha_sweep",
@@ -249,22 +267,21 @@ def validate(args):
         raise UserError("--lr and --align-lr must be positive, --save-every non-negative")
     if args.data and "{p}" not in args.data:
         raise UserError("--data must contain {p}, the poison ratio, e.g. train_p{p}.jsonl")
-    for flag in ("model", "data", "align_data", "align_benign", "harmful_ref", "harmless_ref", "harmful_probe",
-                 "harmless_probe", "eval_harmful", "eval_harmful_dev", "eval_benign", "eval_benign_dev", "eval_task",
-                 "judge_train",
-                 "judge_test", "triples", "judge_encoder", "work_dir", "results_dir", "cache_dir"):
-        if getattr(args, flag) is not None and not getattr(args, flag).strip():  # not silently the default
-            raise UserError(f"--{flag.replace('_', '-')} is empty: name a path (or leave the flag out for the "
-                            f"default)")
+    for flag in INPUT_FLAGS + ("work_dir", "results_dir", "cache_dir"):
+        check_given(flag, getattr(args, flag), " (or leave the flag out for the default)")  # not silently the default
     for spec in args.judges:
         if spec not in ("keyword", "embedding") and not (spec.startswith("guard:") and len(spec) > len("guard:")):
             raise UserError(f"--judges: unknown judge {spec!r} (keyword, embedding or guard:MODEL)")
     if not 0 <= args.seed < 2**63 or not 0 <= args.data_seed < 2**63 or any(not 0 <= s < 2**63 for s in args.seeds):
         raise UserError("--seed, --seeds and --data-seed must be between 0 and 2^63 - 1")
     check_train_args(args)
+    inputs = [(f"--{flag.replace('_', '-')}", getattr(args, flag)) for flag in INPUT_FLAGS if flag != "data"]
+    if args.data:
+        inputs += [("--data", args.data.replace("{p}", f"{p:g}")) for p in all_ratios(args)]
     for flag in ("work_dir", "results_dir", "cache_dir"):
-        if getattr(args, flag):
-            checks.check_writable_folder(f"--{flag.replace('_', '-')}", getattr(args, flag))
+        if getattr(args, flag):  # the offline cache is read as well as written: an input folder of its own
+            check_output(f"--{flag.replace('_', '-')}", getattr(args, flag),
+                         inputs if flag != "cache_dir" else (), folder=True)
 
 
 def check_train_args(args):

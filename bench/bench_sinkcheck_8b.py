@@ -147,7 +147,8 @@ def measure(command, env=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", default="4,32", help="comma-separated layer counts (default 4,32)")
     parser.add_argument("--threads", default="1,2", help="comma-separated sinkcheck --threads values (default 1,2)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/sinkcheck-8b"), help="where checkpoints are written")

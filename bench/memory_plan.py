@@ -218,7 +218,8 @@ def load_config(path):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a model's config.json or model folder (Llama, Mistral, Qwen2); default: Llama-3-8B's numbers")
     p.add_argument("--mode", default=",".join(MODES),

@@ -12,10 +12,12 @@ take their own flags, then `--`, then surgery.py's flags. This file holds what t
 and that command-line pattern.
 """
 import argparse
+import contextlib
+import io
 import sys
 
 import surgery
-from common import ArgumentParser, UserError, read_json_rows
+from common import ArgumentParser, UserError, check_given, read_json_rows, same_path
 
 TRIPLE_KEYS = ("instruction", "refusal", "harmful_answer")
 
@@ -41,6 +43,7 @@ def read_triples(path):
 def load_triples(path=None, seed=0):
     """The triples of a file, or by default the offline ones (offline.safety_triples: harmful_ref + refusals)."""
     if path is not None:
+        check_given("triples", path)
         return read_triples(path)
     import offline
     try:
@@ -58,14 +61,30 @@ def split_argv(argv):
     return argv, []
 
 
-def run_in_loop(prog, parser, make_defense, argv=None):
+def check_loop_output(loop_argv, inputs):
+    """surgery.py's --out against the defense's own inputs ((flag, path) pairs; surgery.py checks it against its
+    own): the run's folder may not be one of them. The rest of surgery.py's flags are surgery.py's to report."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            out = surgery.parse_args(["--alpha", "0", *loop_argv]).out
+        except SystemExit:
+            return
+    for flag, path in inputs:
+        if path is not None and str(path).strip() and str(out).strip() and same_path(out, path):
+            raise UserError(f"--out {out}: is also an input ({flag} {path}); writing the run there would change "
+                            f"that input: name another folder")
+
+
+def run_in_loop(prog, parser, make_defense, argv=None, inputs=lambda args: ()):
     """`prog [defense flags] -- [surgery.py flags]`: the defense in surgery.py's LoRA loop, Surgery's own term off.
+    inputs(args): the defense's own input files and folders, (flag, path) pairs, which surgery.py's --out may not be.
 
     `--alpha 0` goes first, so an explicit --alpha among surgery.py's flags still wins (argparse keeps the last)."""
     own, loop_argv = split_argv(argv)
     args = parser.parse_args(own)
     try:
         defense = make_defense(args)
+        check_loop_output(loop_argv, inputs(args))
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2)

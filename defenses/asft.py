@@ -23,7 +23,6 @@ not move (V = 0) gets C = 0, the limit of that formula.
 In this project's pipeline BASE is the default model before alignment and ALIGNED the output of the align stage,
 which is also the model being fine-tuned (surgery.py's --model, the default for --aligned).
 """
-import json
 import math
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 
 import surgery
 from defenses import loop_parser, run_in_loop
-from common import UserError
+from common import UserError, cause, check_folder_files, check_given, check_input_file, read_json
 
 
 def outside_alignment_penalty(V, V_norm, B, A):
@@ -42,12 +41,19 @@ def outside_alignment_penalty(V, V_norm, B, A):
 
 def read_weights(folder, names):
     """{name: fp32 tensor} for these tensor names from a model folder's safetensors (single file or sharded);
-    only the requested tensors are read."""
+    only the requested tensors are read. A folder holding a FIFO or device, a damaged index or a truncated or
+    damaged weights file is a UserError naming the file (any exception of safetensors is turned into one)."""
     from safetensors import safe_open
     folder = Path(folder)
+    check_folder_files(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shard_of = json.loads(index.read_text())["weight_map"]
+        document = read_json(index, 64 << 20, "a shard index")
+        shard_of = document.get("weight_map") if isinstance(document, dict) else None
+        if not isinstance(shard_of, dict) or not all(isinstance(f, str) and f and Path(f).name == f
+                                                     for f in shard_of.values()):
+            raise UserError(f"{index}: not a shard index (a weight_map of tensor names to file names in this "
+                            f"folder)")
     elif (folder / "model.safetensors").is_file():
         shard_of = {name: "model.safetensors" for name in names}
     else:
@@ -59,10 +65,14 @@ def read_weights(folder, names):
             by_shard.setdefault(shard_of[name], []).append(name)
     weights = {}
     for shard, shard_names in by_shard.items():
-        with safe_open(folder / shard, framework="pt") as f:
-            present = set(f.keys())
-            missing += [name for name in shard_names if name not in present]
-            weights.update({name: f.get_tensor(name).float() for name in shard_names if name in present})
+        check_input_file(folder / shard)
+        try:
+            with safe_open(folder / shard, framework="pt") as f:
+                present = set(f.keys())
+                missing += [name for name in shard_names if name not in present]
+                weights.update({name: f.get_tensor(name).float() for name in shard_names if name in present})
+        except Exception as e:  # safetensors raises its own types for a truncated or damaged file
+            raise UserError(f"{folder / shard}: not a readable safetensors file ({cause(e)})") from None
     if missing:
         raise UserError(f"{folder}: no tensor {missing[0]} (and {len(missing) - 1} more): not the same model family")
     return weights
@@ -77,11 +87,15 @@ class AsFT(surgery.Defense):
     def __init__(self, aligned_dir, base_dir, lam=1.0):
         if not 0 <= lam < math.inf:
             raise UserError(f"AsFT: lambda must be finite and >= 0, got {lam}")
+        check_given("aligned", aligned_dir)
+        check_given("base", base_dir)
         for folder in (aligned_dir, base_dir):
             if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
                 raise UserError(f"{folder}: is a file, expected a model folder")
             if folder is not None and not Path(folder).is_dir():
                 raise UserError(f"{folder}: no such model folder")
+            if folder is not None:  # no FIFO or device where the weights are read
+                check_folder_files(folder)
             if folder is not None and not any((Path(folder) / name).is_file() for name in
                                               ("model.safetensors", "model.safetensors.index.json")):
                 raise UserError(f"{folder}: no model.safetensors (or model.safetensors.index.json) in this folder")
@@ -141,7 +155,8 @@ def main(argv=None):
     parser.add_argument("--aligned", help="aligned model folder (W_aligned); default: surgery.py's --model, "
                                           "the model being fine-tuned")
     parser.add_argument("--lambda", dest="lam", metavar="L", type=float, default=1.0, help="weight of the penalty")
-    return run_in_loop("defenses.asft", parser, lambda a: AsFT(a.aligned, a.base, a.lam), argv)
+    return run_in_loop("defenses.asft", parser, lambda a: AsFT(a.aligned, a.base, a.lam), argv,
+                       inputs=lambda a: [("--base", a.base), ("--aligned", a.aligned)])
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 import surgery
 from defenses import HelpFormatter, load_triples
-from checks import check_writable_folder
-from common import ArgumentParser, UserError, write_atomically
+from checks import FLAG_BOUNDS, check_config, quiet_loading
+from common import (ArgumentParser, UserError, cause, check_folder_files, check_given, check_input_file, check_output,
+                    read_json, write_atomically)
 
 DEFAULT_ALPHA = 6.0
 POSITIONS = 5
@@ -190,6 +191,9 @@ def build(model_dir, triples=None, heads=None, alpha=DEFAULT_ALPHA, positions=PO
     if not 0 < holdout < 1 or positions < 1 or not 0 <= alpha < math.inf or max_len < 1:
         raise UserError("SafetyLock: the held-out share must be in (0, 1), positions and max-len >= 1 and alpha "
                         "finite and >= 0")
+    if max_len > FLAG_BOUNDS["max_len"] or positions > max_len:
+        raise UserError(f"SafetyLock: --max-len must be at most {FLAG_BOUNDS['max_len']:,} and --positions at most "
+                        f"--max-len, got {max_len:,} and {positions:,}")
     model, tokenizer = surgery.load_model(str(model_dir), torch.device(device))
     model.eval()
     shape = fingerprint(model.config)
@@ -240,18 +244,31 @@ def save_lock(path, lock):
 
 
 def load_lock(path):
+    """A lock file: a regular file, safetensors (any exception of safetensors is one line), with SafetyLock's
+    metadata (the fingerprint, alpha) and finite 1-D displacements; anything else is a UserError naming it."""
     from safetensors import safe_open
+    check_given("lock", path)
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such lock file")
+    check_input_file(path)
     try:
         with safe_open(path, framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("safetylock", "null"))
             displacements = {key.removesuffix(".displacement"): f.get_tensor(key) for key in f.keys()}
     except Exception as e:  # safetensors raises several types for a damaged file
-        raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0] if str(e) else cause(e)})") \
+            from None
     if not isinstance(meta, dict) or meta.get("format") != LOCK_FORMAT:
         raise UserError(f"{path}: not a SafetyLock file (no {LOCK_FORMAT} metadata)")
+    shape = meta.get("fingerprint")
+    if not isinstance(shape, dict) or not isinstance(meta.get("alpha"), (int, float)) or isinstance(
+            meta.get("alpha"), bool) or not all(isinstance(v, (int, str)) and not isinstance(v, bool)
+                                                for v in shape.values()):
+        raise UserError(f"{path}: its SafetyLock metadata has no model fingerprint or no numeric alpha")
+    if not displacements or not all(v.dim() == 1 and v.is_floating_point() and torch.isfinite(v).all()
+                                    for v in displacements.values()):
+        raise UserError(f"{path}: its displacements are not finite 1-D floating-point tensors")
     return {"displacements": displacements, "meta": meta}
 
 
@@ -272,7 +289,8 @@ def apply(model_or_folder, lock, out=None, alpha=None):
     model_or_folder: a loaded model (changed in place and returned; takes milliseconds) or a model folder, in
     which case `out` receives the locked model folder (written atomically; returned). lock: a lock file or the
     dict of build(). alpha: None uses the lock's."""
-    lock = load_lock(lock) if isinstance(lock, (str, os.PathLike)) else lock
+    lock_path = lock if isinstance(lock, (str, os.PathLike)) else None
+    lock = load_lock(lock) if lock_path is not None else lock
     alpha = lock["meta"]["alpha"] if alpha is None else alpha
     if not isinstance(alpha, (int, float)) or not 0 <= alpha < math.inf:
         raise UserError(f"SafetyLock: the strength alpha must be finite and >= 0, got {alpha}")
@@ -280,7 +298,7 @@ def apply(model_or_folder, lock, out=None, alpha=None):
         return apply_to_model(model_or_folder, lock, alpha)
     if out is None:
         raise UserError("SafetyLock: applying to a model folder needs an output folder")
-    return apply_to_folder(Path(model_or_folder), lock, Path(out), alpha)
+    return apply_to_folder(Path(model_or_folder), lock, out, alpha, lock_path)
 
 
 @torch.no_grad()
@@ -297,36 +315,62 @@ def apply_to_model(model, lock, alpha):
 
 
 def read_checkpoint(folder):
-    """(every tensor, the metadata of the first file) of a folder's safetensors, single file or sharded."""
+    """(every tensor, the metadata of the first file) of a folder's safetensors, single file or sharded; a damaged
+    index or weights file is a UserError naming it."""
     from safetensors import safe_open
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
-        ["model.safetensors"]
+    if index.is_file():
+        document = read_json(index, 64 << 20, "a shard index")
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
+            raise UserError(f"{index}: not a shard index (a weight_map of tensor names to file names in this "
+                            f"folder)")
+        files = sorted(set(weight_map.values()))
+    else:
+        files = ["model.safetensors"]
     tensors, metadata = {}, None
     for file in files:
-        if not (folder / file).is_file():
+        if not (folder / file).exists():
             raise UserError(f"{folder}: no {file}")
-        with safe_open(folder / file, framework="pt") as f:
-            metadata = metadata if metadata is not None else dict(f.metadata() or {})
-            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+        check_input_file(folder / file)
+        try:
+            with safe_open(folder / file, framework="pt") as f:
+                metadata = metadata if metadata is not None else dict(f.metadata() or {})
+                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+        except Exception as e:  # safetensors raises its own types for a truncated or damaged file
+            raise UserError(f"{folder / file}: not a readable safetensors file ({cause(e)})") from None
     return tensors, metadata
 
 
-def apply_to_folder(folder, lock, out, alpha):
+def apply_to_folder(folder, lock, out, alpha, lock_path=None):
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
+    check_given("out", out)
+    out = Path(out)
+    if folder.is_dir():  # no FIFO or device where a file is read
+        check_folder_files(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}: not a model folder (no config.json)")
     if out.resolve() == folder.resolve():
         raise UserError(f"--out {out} is the model folder itself: the locked model goes to another folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, expected a folder (replaced whole if it exists)")
-    check_writable_folder("--out", out.parent)
-    config = AutoConfig.from_pretrained(folder)
+    # The locked folder replaces --out whole: it may be no input and hold none.
+    check_output("--out", out, [("--model", folder), ("--lock", lock_path)], folder=True, replaced_whole=True)
+    try:
+        with quiet_loading():  # the library's warnings about the config would come before the error line
+            config = AutoConfig.from_pretrained(folder)
+    except Exception as e:  # a config.json of wrong types or values fails in the library's own code
+        raise UserError(f"{folder / 'config.json'}: {cause(e)}") from None
+    check_config(config, str(folder))
     check_fits(lock, config, str(folder))
     tensors, metadata = read_checkpoint(folder)
     if "safetylock" in metadata:
         raise UserError(f"{folder} is already locked (its weights carry SafetyLock metadata)")
+    for name, displacement in lock["displacements"].items():
+        weight = tensors.get(f"{name}.weight")
+        if weight is None or weight.dim() != 2 or weight.shape[1] != displacement.numel():
+            raise UserError(f"{folder}: no weight {name}.weight of {displacement.numel()} columns for the lock's "
+                            f"displacement: the weights are not of the lock's model family")
     bias_keys = [f"{name}.bias" for name in lock["displacements"]]
     if not all(key in tensors for key in bias_keys):
         # The family's config has to declare the biases; where the flag also gives q/k/v biases, those are zeros.
@@ -334,14 +378,25 @@ def apply_to_folder(folder, lock, out, alpha):
             raise UserError(f"a {config.model_type} model folder cannot hold an o_proj bias; lock the loaded model "
                             f"in memory instead (defenses.safetylock.apply(model, lock))")
         config.attention_bias = True
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config).state_dict()
+        try:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config).state_dict()
+        except Exception as e:  # the model's own code on the config's values
+            raise UserError(f"{folder / 'config.json'}: describes no model that can be built ({cause(e)})") from None
         if not all(key in skeleton for key in bias_keys):
             raise UserError(f"a {config.model_type} model has no o_proj bias even with attention_bias; lock the "
                             f"loaded model in memory instead")
         for key, value in skeleton.items():
             if key.endswith(".bias") and key not in tensors:
-                tensors[key] = torch.zeros(value.shape, dtype=tensors[key.removesuffix(".bias") + ".weight"].dtype)
+                weight = tensors.get(key.removesuffix(".bias") + ".weight")
+                if weight is None:
+                    raise UserError(f"{folder}: no weight {key.removesuffix('.bias')}.weight: the weights and "
+                                    f"config.json do not match")
+                tensors[key] = torch.zeros(value.shape, dtype=weight.dtype)
+    for name, displacement in lock["displacements"].items():
+        bias, rows = tensors[f"{name}.bias"], tensors[f"{name}.weight"].shape[0]
+        if tuple(bias.shape) != (rows,):
+            raise UserError(f"{folder}: {name}.bias has shape {tuple(bias.shape)}, not ({rows},)")
     for name, displacement in lock["displacements"].items():
         weight = tensors[f"{name}.weight"]
         tensors[f"{name}.bias"] = (tensors[f"{name}.bias"].float()
@@ -385,12 +440,14 @@ def replace_folder(new, target):
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
-def check_lock_target(path):
-    """--out of build: a file name in a folder that exists or can be made."""
+def check_lock_target(path, inputs=()):
+    """--out of build: a file name in a folder that exists or can be made, and none of the inputs (common's rule
+    for every output: no FIFO or device, not the model's weights or the triples)."""
+    check_given("out", path)
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--out {path}: is a folder, expected the name of the lock file to write")
-    check_writable_folder("--out", path.parent)
+    check_output("--out", path, inputs)
 
 
 def check_device(name):
@@ -436,8 +493,10 @@ def main(argv=None):
                 raise UserError(f"--heads must be at least 1, got {args.heads}")
             if args.seed < 0:
                 raise UserError(f"--seed must be >= 0, got {args.seed}")
+            if args.seed >= 2**63:
+                raise UserError(f"--seed must be below 2^63, got {args.seed}")
             check_device(args.device)
-            check_lock_target(args.out)
+            check_lock_target(args.out, [("--model", args.model), ("--triples", args.triples)])
             triples = load_triples(args.triples)
             lock = build(args.model, triples, args.heads, args.alpha, args.positions, args.holdout, args.seed,
                          args.max_len, args.device)
@@ -448,6 +507,8 @@ def main(argv=None):
                       f"L{h['layer']}H{h['head']} {h['held_out_accuracy']:.2f}" for h in meta["heads"])
                   + f"; wrote {args.out} in {time.perf_counter() - start:.1f} s")
         else:
+            for flag in ("model", "lock", "out"):
+                check_given(flag, getattr(args, flag))
             apply(args.model, args.lock, args.out, args.alpha)
             print(f"safetylock: locked {args.model} -> {args.out} in {time.perf_counter() - start:.1f} s")
     except UserError as e:

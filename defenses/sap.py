@@ -43,6 +43,7 @@ from defenses import load_triples, loop_parser, run_in_loop
 from common import UserError
 
 RELEASED_LAYERS, RELEASED_DEPTH = (3, 9), 32
+MAX_SAFETY_BATCH = 1024  # triples per step (two sequences each): surgery.py's bound of --ref-batch
 
 
 def default_probe_layers(n_layers):
@@ -163,6 +164,8 @@ class SAP(surgery.Defense):
     def __init__(self, triples=None, rho=2e-5, probe_lr=0.05, layers=None, safety_batch=4):
         if not 0 < rho < math.inf or not 0 < probe_lr < math.inf or safety_batch < 1:
             raise UserError("SAP: rho and the probe learning rate must be > 0 and the safety batch at least 1")
+        if safety_batch > MAX_SAFETY_BATCH:
+            raise UserError(f"SAP: the safety batch must be at most {MAX_SAFETY_BATCH:,} triples, got {safety_batch:,}")
         self.triples = load_triples() if triples is None else triples
         self.rho, self.probe_lr, self.layers, self.safety_batch = rho, probe_lr, layers, safety_batch
         self.last_safety_loss = None
@@ -255,7 +258,7 @@ def main(argv=None):
     def make(a):
         triples = load_triples(a.triples)
         return SAP(triples, a.rho, a.probe_lr, a.layers, a.safety_batch)
-    return run_in_loop("defenses.sap", parser, make, argv)
+    return run_in_loop("defenses.sap", parser, make, argv, inputs=lambda a: [("--triples", a.triples)])
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def resolve_inputs(args):
         if needs_offline:
             defaults.update(offline.default_data(args.cache_dir, seed=args.data_seed))
         if args.data:
-            train = {p: Path(args.data.format(p=f"{p:g}")) for p in all_ratios(args)}
+            train = {p: Path(args.data.replace("{p}", f"{p:g}")) for p in all_ratios(args)}
         else:
             train = {p: offline.poisoned_train(p, args.n_train, args.cache_dir, seed=args.data_seed)
                      for p in all_ratios(args)}

@@ -9,13 +9,15 @@ accuracy on held-out human labels.
 """
 import hashlib
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import offline
 import surgery
-from common import UserError, first_line, read_json_rows
+from checks import quiet_loading
+from common import UserError, cause, check_folder_files, read_json_rows
 from evaluation.stages import cached_stage, device_for, file_digest, safe_name, stage_dir
 from offline import norm  # the form in which instructions are compared: lowercase, whitespace collapsed
 
@@ -103,11 +105,14 @@ class SentenceEncoder:
         from transformers import AutoModel, AutoTokenizer
         from tqdm.auto import tqdm
         if self._encoder is None:
+            if Path(self.encoder_dir).is_dir():
+                check_folder_files(self.encoder_dir, "an encoder folder")
             try:
-                self._encoder = (AutoTokenizer.from_pretrained(self.encoder_dir),
-                                 AutoModel.from_pretrained(self.encoder_dir).to(self.device).eval())
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot load judge encoder {self.encoder_dir!r}: {first_line(e)}") from None
+                with quiet_loading():
+                    self._encoder = (AutoTokenizer.from_pretrained(self.encoder_dir),
+                                     AutoModel.from_pretrained(self.encoder_dir).to(self.device).eval())
+            except Exception as e:  # any exception of the libraries underneath: one line
+                raise UserError(f"cannot load judge encoder {self.encoder_dir!r}: {cause(e)}") from None
         tokenizer, encoder = self._encoder
         out = []
         for start in tqdm(range(0, len(texts), self.batch_size), desc="embedding", dynamic_ncols=True, leave=False):

@@ -8,14 +8,13 @@ development sets, then every run of this shard's part of the plan attacked, eval
     write_report      results.md and the plots from every finished run JSON of the plan
 """
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import offline
 import checks
-from common import UserError, read_json_rows, write_json, write_text
+from common import UserError, read_json, read_json_rows, write_json, write_text
 from evaluation.data import alignment_data, check_references, check_splits, resolve_inputs
 from evaluation.generation import dev_harmful_score, dev_over_refusal, evaluate_stage
 from evaluation.judges import build_judges
@@ -25,7 +24,7 @@ from evaluation.stages import committed_records, extend_fingerprint, protocol_fi
 from evaluation.stats import request_clusters, summarize
 from evaluation.training import (ALIGNED_HS_AT_MOST, BREAKS_AT, BREAKS_BY, OVER_REFUSAL_AT_MOST, attack_plan,
                                  defense_for, parse_candidate, safetylock_apply_stage, safetylock_build_stage,
-                                 train_stage)
+                                 train_flags, train_stage)
 
 
 def align_stage(args, files, steps, lr):
@@ -52,7 +51,7 @@ def choose_alignment(args, files, fingerprint, results):
     saved = results / "alignment.json"
     fingerprint = extend_fingerprint(fingerprint, args.align_candidates, args.n_dev, args.n_benign_dev)
     if saved.exists():
-        alignment = json.loads(saved.read_text())
+        alignment = read_json(saved)
         if alignment.get("fingerprint") == fingerprint:
             return alignment
     if args.report_only:
@@ -90,7 +89,7 @@ def choose_regime(args, files, judges, aligned, fingerprint, results):
     saved = results / "regime.json"
     fingerprint = extend_fingerprint(fingerprint, args.attack_candidates, args.sweep_ratio, args.seeds[0], args.n_dev)
     if saved.exists():
-        regime = json.loads(saved.read_text())
+        regime = read_json(saved)
         if regime.get("fingerprint") == fingerprint:
             return regime
     if args.report_only:
@@ -140,8 +139,10 @@ class Sweep:
 
 def run(args, command):
     """The protocol; returns the finished runs' records in plan order."""
+    trained = train_flags(args)  # surgery.py's flags of every stage: the LoRA rank against the model
     try:  # the model first: a typo in its name costs seconds, and nothing is written
-        tokenizer = checks.check_model(args.model or offline.default_model_dir(args.cache_dir))
+        tokenizer = checks.check_model(args.model or offline.default_model_dir(args.cache_dir),
+                                       None if trained.full else args.lora_rank, trained.lora_targets)
     except offline.OfflineDataError as e:
         raise UserError(str(e)) from None
     files = resolve_inputs(args)

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from common import write_json
+from common import UserError, read_input_bytes, read_json, write_json
 
 
 def file_digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """The digest of an input file, read the one way every input is (common.read_input_bytes)."""
+    return hashlib.sha256(read_input_bytes(path, max_bytes=None)).hexdigest()[:16]
 
 
 def safe_name(text):
@@ -103,8 +104,8 @@ def committed_records(results, fingerprint):
     found = {}
     for path in sorted((results / "json").glob("*.json")):
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            record = read_json(path)
+        except UserError:  # not a run JSON (or not a regular file): not a finished run
             continue
         if isinstance(record, dict) and record.get("fingerprint") == fingerprint:
             found[record["run"]] = record

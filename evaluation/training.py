@@ -40,17 +40,22 @@ STAGE_FLAGS = ("--model", "--data", "--harmful-ref", "--harmless-ref", "--alpha"
                "--resume")
 
 
+def train_flags(args):
+    """surgery.py's flags as --train-args sets them for every training stage (else surgery.py's defaults)."""
+    return surgery.parse_args(shlex.split(args.train_args))
+
+
 def train_sink_pos(args):
     """The sink position of every training stage: surgery.py's --sink-pos as --train-args sets it (else its
     default). The held-out probes and the reference check use the same one."""
-    return surgery.parse_args(shlex.split(args.train_args)).sink_pos
+    return train_flags(args).sink_pos
 
 
 def parse_candidate(spec):
-    """"STEPS:LR" -> (steps, lr); ValueError unless steps >= 1 and 0 < lr < inf."""
+    """"STEPS:LR" -> (steps, lr); ValueError unless 1 <= steps <= checks.MAX_STEPS and 0 < lr < inf."""
     steps, _, lr = spec.partition(":")
     steps, lr = int(steps), float(lr)
-    if steps < 1 or not 0 < lr < math.inf:
+    if not 1 <= steps <= checks.MAX_STEPS or not 0 < lr < math.inf:
         raise ValueError(spec)
     return steps, lr
 

@@ -3,7 +3,7 @@ atomically (common.write_jsonl) under the cache's data/seed<SEED>/ folder or a g
 import json
 from pathlib import Path
 
-from common import write_jsonl
+from common import check_encodable, read_text_file, write_jsonl
 
 from .sources import cache_root
 from .splits import _train_records, build_splits
@@ -13,8 +13,11 @@ DEFAULT_POISON_RATIO = 0.1
 
 
 def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSONL file, read the one way every input is (common.read_text_file: a regular file, UTF-8,
+    every string text); an empty file has none."""
+    text = read_text_file(path)
+    check_encodable(text, path)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def data_dir(cache_dir=None, seed=0) -> Path:

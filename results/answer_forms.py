@@ -26,7 +26,7 @@ def loops(text, n=3, times=3):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--results-dir", default="results", help="eval.py's results folder (its json/ holds the runs)")
     p.add_argument("--runs", nargs="*", help="run names (default: every run JSON that holds its answers)")
     args = p.parse_args()

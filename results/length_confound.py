@@ -25,7 +25,7 @@ import surgery  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=32, help="reference pairs (of the 64 default ones)")
     p.add_argument("--max-len", type=int, default=256, help="token limit, as surgery.py's --max-len")
     args = p.parse_args()

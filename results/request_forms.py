@@ -37,7 +37,7 @@ def opening_word_accuracy(refused, benign):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="seed of the offline splits")
     args = p.parse_args()
     splits = offline.build_splits(args.seed)

@@ -33,6 +33,9 @@ def run_cli(*args, timeout=300):
 FORK_SERVER = r"""
 import json, os, runpy, signal, sys, traceback
 import torch, transformers, surgery  # noqa: the slow imports, once; surgery.py registers its attention function
+import evaluation.pipeline, warnings  # noqa: eval.py's and the defenses' modules, once too
+# `-m defenses.x` then runs an imported module afresh as __main__, as `python -m` does; runpy warns of that
+warnings.filterwarnings("ignore", "'defenses\\.", RuntimeWarning)
 for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()

@@ -8,6 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import files
+
 EXIT_OK, EXIT_GATE, EXIT_BAD_INPUT = 0, 1, 2
 
 DESCRIPTION = """\
@@ -45,7 +47,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = Parser(prog="sinkcheck", description=DESCRIPTION, epilog=EPILOG,
+    p = Parser(prog="sinkcheck", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,  # --jso is no --json
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="PATH",
                    help="the checkpoint: a .safetensors file, a model folder, or a model.safetensors.index.json; "
@@ -77,7 +79,10 @@ def check_args(args):
         raise UsageError(f"--threads must be between 0 and {MAX_THREADS}, got {args.threads}")
     if not 1 <= args.top <= INT_MAX:
         raise UsageError(f"--top must be at least 1, got {args.top}")
-    if args.json:
+    for flag in ("probes", "json", "compare"):  # an empty string is a value, not an absence
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise UsageError(f"--{flag} is empty: name a {'folder or ' if flag == 'compare' else ''}file")
+    if args.json is not None:
         target = Path(args.json)
         folder = target.resolve().parent
         if not folder.exists():
@@ -155,7 +160,7 @@ def write_json_atomically(path, obj):
 
 
 def load_probes(args, core, probes_mod):
-    if args.probes:
+    if args.probes is not None:
         return probes_mod.from_file(args.probes, core.checkpoint_directory(args.path))
     for candidate in [args.path] + ([args.compare] if args.compare else []):
         found = probes_mod.from_metadata(candidate)
@@ -178,6 +183,14 @@ def audit(model, path, probes):
 def run(argv):
     args = build_parser().parse_args(argv)
     check_args(args)
+    # Every file the C++ loader and the tokenizer will open is a regular file (a FIFO would block them), and --json
+    # is none of them: files.py, the one way sinkcheck opens its inputs and chooses its output.
+    inputs = files.check_checkpoint("PATH", args.path)
+    if args.compare is not None:
+        inputs += files.check_checkpoint("--compare", args.compare)
+    inputs += [Path(p) for p in (args.path, args.compare, args.probes) if p is not None]
+    if args.json is not None:
+        files.check_output("--json", args.json, inputs)
 
     from . import _core as core
     from . import probes as probes_mod
@@ -209,7 +222,7 @@ def run(argv):
                           "sign_flips": [{"layer": l, "head": h, "d": a, "d_compare": b} for l, h, a, b in flips]}
     else:
         print(report.single_table(result, args.top))
-    if args.json:
+    if args.json is not None:
         write_json_atomically(args.json, out)
     if args.max_positive is not None and result["positive"] > args.max_positive:
         print(f"sinkcheck: {result['positive']} positive-divergence heads exceed --max-positive {args.max_positive}",
@@ -231,8 +244,9 @@ def main(argv=None):
         pass
     try:
         from . import _core
+        from .files import InputError
         from .probes import ProbeError
-        known = (UsageError, ProbeError, _core.CheckError)
+        known = (UsageError, ProbeError, InputError, _core.CheckError)
     except ImportError as e:
         print(f"sinkcheck: error: the C++ extension is not built ({e}); run pip install .", file=sys.stderr)
         return EXIT_BAD_INPUT

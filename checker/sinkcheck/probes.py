@@ -3,9 +3,11 @@ import json
 from pathlib import Path
 
 from . import _core
+from .files import InputError, lone_surrogate, read_bytes
 
 METADATA_KEY = "sinkcheck.probes"
 INT32_MAX = 2**31 - 1
+MAX_PROBE_BYTES = 256 << 20  # a probes file is held in memory as Python lists: larger ones are refused
 
 
 class ProbeError(Exception):
@@ -69,6 +71,10 @@ def _records(text, source):
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ProbeError(f"{source}: line {number} is not JSON ({e.msg})") from None
+        escape = lone_surrogate(line)
+        if escape:
+            raise ProbeError(f"{source}: line {number}: the escape {escape} is half of a UTF-16 surrogate pair, "
+                             f"which is no character (UTF-8 cannot encode it); write the character itself")
         if isinstance(rec, dict) and "_meta" in rec:
             continue  # a comment record: where the file came from, licences
         instruction = rec.get("instruction", rec.get("prompt")) if isinstance(rec, dict) else None
@@ -109,10 +115,12 @@ def from_file(path, model_dir):
     """Token ids (a JSON object) or text records (JSONL: instruction, output, harmful)."""
     path = Path(path)
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProbeError(f"cannot read probes file {source}: {e.strerror if isinstance(e, OSError) else e}") from None
+    if not source.strip():
+        raise ProbeError("--probes is empty: name a probes file")
+    try:  # without blocking: a FIFO or a device is refused, not read forever
+        text = read_bytes(path, MAX_PROBE_BYTES).decode("utf-8")
+    except (InputError, UnicodeDecodeError) as e:
+        raise ProbeError(f"cannot read probes file {source}: {e}") from None
     if not text.strip():
         raise ProbeError(f"{source}: probes file is empty")
     try:

@@ -20,7 +20,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # eval.py's LoRA targets
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--aligned", required=True, help="the aligned model folder (eval.py's align stage)")
     p.add_argument("--base", help="the model before alignment (default: the embedded SmolLM2-135M-Instruct)")
     args = p.parse_args()

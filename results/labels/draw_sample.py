@@ -217,7 +217,7 @@ def write_jsonl(path, rows):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--prompts-dir", type=Path, default=ROOT / "runs" / "eval" / "eval-sets",
                         help="where eval.py wrote eval_harmful_300_*.jsonl and eval_benign_160_*.jsonl")
     parser.add_argument("--build-prompts", action="store_true",
