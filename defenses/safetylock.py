@@ -43,9 +43,9 @@ import torch.nn.functional as F
 
 import surgery
 from defenses import HelpFormatter, load_triples
-from checks import FLAG_BOUNDS, check_config, quiet_loading
+from checks import FLAG_BOUNDS, check_config, quiet_loading, weight_files
 from common import (ArgumentParser, UserError, cause, check_folder_files, check_given, check_input_file, check_output,
-                    read_json, write_atomically)
+                    write_atomically)
 
 DEFAULT_ALPHA = 6.0
 POSITIONS = 5
@@ -318,28 +318,17 @@ def read_checkpoint(folder):
     """(every tensor, the metadata of the first file) of a folder's safetensors, single file or sharded; a damaged
     index or weights file is a UserError naming it."""
     from safetensors import safe_open
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        document = read_json(index, 64 << 20, "a shard index")
-        weight_map = document.get("weight_map") if isinstance(document, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map or not all(
-                isinstance(f, str) and f and Path(f).name == f for f in weight_map.values()):
-            raise UserError(f"{index}: not a shard index (a weight_map of tensor names to file names in this "
-                            f"folder)")
-        files = sorted(set(weight_map.values()))
-    else:
-        files = ["model.safetensors"]
     tensors, metadata = {}, None
-    for file in files:
-        if not (folder / file).exists():
-            raise UserError(f"{folder}: no {file}")
-        check_input_file(folder / file)
+    for path in weight_files(folder) or [folder / "model.safetensors"]:
+        if not path.exists():
+            raise UserError(f"{folder}: no {path.name}")
+        check_input_file(path)
         try:
-            with safe_open(folder / file, framework="pt") as f:
+            with safe_open(path, framework="pt") as f:
                 metadata = metadata if metadata is not None else dict(f.metadata() or {})
                 tensors.update({key: f.get_tensor(key) for key in f.keys()})
         except Exception as e:  # safetensors raises its own types for a truncated or damaged file
-            raise UserError(f"{folder / file}: not a readable safetensors file ({cause(e)})") from None
+            raise UserError(f"{path}: not a readable safetensors file ({cause(e)})") from None
     return tensors, metadata
 
 
