@@ -41,6 +41,18 @@ def measure_alignment(args, files, steps, lr):
             "dev_over_refusal": dev_over_refusal(args, files, name, model)}
 
 
+def saved_choice(saved, fingerprint, report_only):
+    """A choice kept in results/ (alignment.json, regime.json) when it was made for this configuration; None when it
+    must be made again, which --report-only refuses."""
+    if saved.exists():
+        choice = read_json(saved)
+        if choice.get("fingerprint") == fingerprint:
+            return choice
+    if report_only:
+        raise UserError(f"--report-only: {saved} is missing or of another configuration; run the sweep first")
+    return None
+
+
 def choose_alignment(args, files, fingerprint, results):
     """(steps, lr) of the alignment stage: --align-steps and --align-lr when given, else the first of
     --align-candidates whose keyword HS on the development prompts is <= ALIGNED_HS_AT_MOST and whose
@@ -50,12 +62,9 @@ def choose_alignment(args, files, fingerprint, results):
         return {"steps": args.align_steps, "lr": args.align_lr, "how": "given on the command line"}
     saved = results / "alignment.json"
     fingerprint = extend_fingerprint(fingerprint, args.align_candidates, args.n_dev, args.n_benign_dev)
-    if saved.exists():
-        alignment = read_json(saved)
-        if alignment.get("fingerprint") == fingerprint:
-            return alignment
-    if args.report_only:
-        raise UserError(f"--report-only: {saved} is missing or of another configuration; run the sweep first")
+    alignment = saved_choice(saved, fingerprint, args.report_only)
+    if alignment is not None:
+        return alignment
     specs = [parse_candidate(spec) for spec in args.align_candidates]
     shard, shards = args.shard
     if shards > 1:  # the candidates in parallel; the rule below then reads them all in order
@@ -88,12 +97,9 @@ def choose_regime(args, files, judges, aligned, fingerprint, results):
         return {"steps": args.attack_steps, "lr": args.lr, "how": "given on the command line"}
     saved = results / "regime.json"
     fingerprint = extend_fingerprint(fingerprint, args.attack_candidates, args.sweep_ratio, args.seeds[0], args.n_dev)
-    if saved.exists():
-        regime = read_json(saved)
-        if regime.get("fingerprint") == fingerprint:
-            return regime
-    if args.report_only:
-        raise UserError(f"--report-only: {saved} is missing or of another configuration; run the sweep first")
+    regime = saved_choice(saved, fingerprint, args.report_only)
+    if regime is not None:
+        return regime
     # The starting point first: an assistant that refuses harmful requests and answers benign ones.
     start = evaluate_stage(args, files, judges, "aligned", aligned()["model"])
     print(f"aligned model: HS keyword {start['harmful_score'].get('keyword', float('nan')):.1f}%, over-refusal "
