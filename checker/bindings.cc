@@ -120,6 +120,14 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("config", [](const Model& model) { return config_dict(model.config()); })
       .def_property_readonly("n_threads", &Model::n_threads)
       .def(
+          "check_finite",
+          [](Model& model) {
+            py::gil_scoped_release release;
+            model.check_finite();
+          },
+          "Reads every floating-point tensor of the checkpoint, streamed in chunks; raises CheckError naming the "
+          "first NaN or infinity (tensor and element). Once per model; the audits call it first.")
+      .def(
           "mean_sink_values",
           [](Model& model, const std::vector<Sequence>& sequences, int sink_position, bool reuse_prefixes,
              int batch_tokens, long long max_pass_rows) {

@@ -1,9 +1,11 @@
 #include "model.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
 
 #include "errors.h"
 #include "rope.h"
@@ -57,7 +59,8 @@ void Model::find_tensors() {
   checkpoint_.require("model.norm.weight", {hidden});
 
   // Every tensor the config implies is checked here, before any compute. The last layer's value,
-  // output and MLP weights are checked but never read: its attention weights depend only on q and k.
+  // output and MLP weights are checked but never computed with (check_finite() reads their values):
+  // its attention weights depend only on q and k.
   auto vector = [&](int l, const std::string& name, int64_t size) -> const TensorEntry* {
     return name.empty() ? nullptr : &checkpoint_.require(layer_name(l, name) + ".weight", {size});
   };
@@ -106,6 +109,40 @@ void Model::find_tensors() {
     }
     t.w_down = matrix(l, "mlp.down_proj", hidden, inter, c.mlp_bias);
   }
+}
+
+void Model::check_finite() {
+  if (finite_checked_) return;
+  struct Chunk {
+    const TensorEntry* tensor;
+    uint64_t first, count;
+  };
+  std::vector<Chunk> chunks;
+  for (const TensorEntry* t : checkpoint_.tensors()) {
+    if (!is_float(t->dtype)) continue;
+    const uint64_t step = kFiniteChunkBytes / dtype_size(t->dtype);
+    for (uint64_t first = 0; first < t->numel; first += step)
+      chunks.push_back(Chunk{t, first, std::min(step, t->numel - first)});
+  }
+  // Chunks run in order but finish in any: the lowest bad chunk wins, so the message does not depend on timing.
+  // Chunks after a bad one already found are skipped.
+  std::atomic<size_t> bad_chunk{chunks.size()};
+  std::mutex mutex;
+  uint64_t bad_element = 0;
+  pool_.run(static_cast<int>(chunks.size()), [&](int i, int) {
+    if (size_t(i) > bad_chunk.load(std::memory_order_relaxed)) return;
+    const Chunk& chunk = chunks[i];
+    const uint64_t bad = first_non_finite(*chunk.tensor, chunk.first, chunk.count);
+    release(*chunk.tensor, chunk.first, chunk.count);
+    if (bad == chunk.count) return;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (size_t(i) < bad_chunk.load()) {
+      bad_chunk.store(i);
+      bad_element = chunk.first + bad;
+    }
+  });
+  if (bad_chunk.load() < chunks.size()) throw_non_finite(*chunks[bad_chunk.load()].tensor, bad_element);
+  finite_checked_ = true;
 }
 
 int Model::max_length() const {

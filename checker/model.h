@@ -7,7 +7,9 @@
 // dtype. A pass runs layer by layer over all of its sequences; each layer's tensors are converted to
 // fp32 (and checked to be finite) into one set of reusable packed buffers when the pass reaches it,
 // and that layer's pages of the mapped file are released before the next layer is read. Only the
-// embedding rows of the probe tokens are ever read from the vocabulary table.
+// embedding rows of the probe tokens are converted from the vocabulary table. Before the first pass,
+// check_finite() streams every float tensor of the checkpoint through a bounded chunk at a time, checking
+// values only.
 #pragma once
 
 #include <cstdint>
@@ -101,6 +103,15 @@ class Model {
   // The longest sequence the rotary embeddings hold for (Rope::max_length), 0 when there is no limit.
   int max_length() const;
 
+  // Reads every floating-point tensor of every shard (is_float: the LM head, the final norm, the layers the
+  // statistic does not need and any tensor the config does not name too) and throws the CheckError of
+  // throw_non_finite for the first NaN or infinity in file order. Streamed: chunks of at most kFiniteChunkBytes,
+  // spread over the pool, each chunk's pages of the mapped file released once checked, so memory stays bounded
+  // whatever the checkpoint's size. Runs once per Model; sink_divergence and mean_sink_values call it before
+  // any compute, so no result comes from a checkpoint holding a non-finite value (surgery.py's rule).
+  void check_finite();
+  static constexpr uint64_t kFiniteChunkBytes = uint64_t(4) << 20;
+
   // One pass over `items`, split into batches: batch b is items [batch_ends[b-1], batch_ends[b]).
   // For each item, layer and query head: the sum over queries i = sink+1 .. length-1 of the attention
   // weight A[i, sink]; out[(item * n_layers + layer) * n_heads + head]. Token ids must already be
@@ -130,6 +141,7 @@ class Model {
   LayerWeights weights_;  // the current layer's
   ThreadPool pool_;
   RunState state_;
+  bool finite_checked_ = false;  // check_finite() has passed
 };
 
 }  // namespace sinkcheck

@@ -141,6 +141,20 @@ float half_to_float(uint16_t h) {
 const char* dtype_name(DType dtype) { return dtype_info(dtype).name; }
 size_t dtype_size(DType dtype) { return dtype_info(dtype).size; }
 
+bool is_float(DType dtype) {
+  switch (dtype) {
+    case DType::F64:
+    case DType::F32:
+    case DType::F16:
+    case DType::BF16:
+    case DType::F8_E5M2:
+    case DType::F8_E4M3:
+      return true;
+    default:
+      return false;
+  }
+}
+
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::string out = "[";
   for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
@@ -268,11 +282,15 @@ void Checkpoint::add_file(const std::string& path) {
   files_.push_back(std::make_unique<MappedFile>(path));
   const MappedFile& file = *files_.back();
   SafetensorsHeader header = parse_safetensors(file.data(), file.size(), path);
+  std::vector<const TensorEntry*> mine;
   for (auto& entry : header.tensors) {
     entry.mapped = true;
     auto [it, inserted] = tensors_.emplace(entry.name, entry);
     if (!inserted) throw CheckError("tensor '" + entry.name + "' appears in both " + it->second.file + " and " + path);
+    mine.push_back(&it->second);
   }
+  std::sort(mine.begin(), mine.end(), [](const TensorEntry* a, const TensorEntry* b) { return a->data < b->data; });
+  order_.insert(order_.end(), mine.begin(), mine.end());
   for (auto& item : header.metadata) metadata_.push_back(std::move(item));
 }
 
@@ -351,22 +369,87 @@ size_t first_non_finite(const float* x, size_t n) {
   return n;
 }
 
-void tensor_to_fp32_finite(const TensorEntry& tensor, uint64_t first, uint64_t count, float* out) {
-  tensor_to_fp32(tensor, first, count, out);
-  const size_t bad = first_non_finite(out, count);
-  if (bad == count) return;
+namespace {
+
+// The first of `count` stored values (of type Bits, maybe unaligned) whose bits under `mask` are all ones:
+// the exponent of a NaN or infinity. As above, a branch-free OR over blocks; only a block with one is searched.
+template <typename Bits>
+uint64_t first_all_ones(const uint8_t* src, uint64_t count, Bits mask) {
+  constexpr uint64_t kBlock = 1024;
+  auto special = [&](uint64_t i) {
+    Bits bits;
+    std::memcpy(&bits, src + i * sizeof(Bits), sizeof(Bits));
+    return static_cast<uint32_t>(static_cast<Bits>(bits & mask) == mask);
+  };
+  for (uint64_t start = 0; start < count; start += kBlock) {
+    const uint64_t end = std::min(count, start + kBlock);
+    uint32_t bad = 0;
+    for (uint64_t i = start; i < end; ++i) bad |= special(i);
+    if (bad)
+      for (uint64_t i = start; i < end; ++i)
+        if (special(i)) return i;
+  }
+  return count;
+}
+
+}  // namespace
+
+uint64_t first_non_finite(const TensorEntry& tensor, uint64_t first, uint64_t count) {
+  if (first + count > tensor.numel) throw CheckError("internal: element range outside tensor " + tensor.name);
+  const uint8_t* src = tensor.data + first * dtype_size(tensor.dtype);
+  switch (tensor.dtype) {
+    case DType::F64: return first_all_ones<uint64_t>(src, count, 0x7FF0000000000000ull);
+    case DType::F32: return first_all_ones<uint32_t>(src, count, 0x7F800000u);
+    case DType::F16: return first_all_ones<uint16_t>(src, count, 0x7C00u);
+    case DType::BF16: return first_all_ones<uint16_t>(src, count, 0x7F80u);
+    case DType::F8_E5M2: return first_all_ones<uint8_t>(src, count, 0x7Cu);
+    case DType::F8_E4M3: return first_all_ones<uint8_t>(src, count, 0x7Fu);  // e4m3fn: no infinity, S.1111.111 is NaN
+    default: return count;
+  }
+}
+
+void throw_non_finite(const TensorEntry& tensor, uint64_t element) {
+  // NaN or which infinity, from the stored bits (the exponent is all ones).
+  const uint8_t* src = tensor.data + element * dtype_size(tensor.dtype);
+  bool nan = true, negative = false;
+  switch (tensor.dtype) {
+    case DType::F64: {
+      double value;
+      std::memcpy(&value, src, 8);
+      nan = std::isnan(value), negative = value < 0;
+      break;
+    }
+    case DType::F32:
+    case DType::F16:
+    case DType::BF16: {
+      float value;
+      tensor_to_fp32(tensor, element, 1, &value);
+      nan = std::isnan(value), negative = value < 0;
+      break;
+    }
+    case DType::F8_E5M2:
+      nan = (src[0] & 0x03u) != 0, negative = (src[0] & 0x80u) != 0;
+      break;
+    default:  // F8_E4M3 has no infinity
+      break;
+  }
   // The element's index in the tensor's shape, e.g. [12, 40].
-  uint64_t flat = first + bad;
+  uint64_t flat = element;
   std::vector<int64_t> index(tensor.shape.size());
   for (size_t d = tensor.shape.size(); d-- > 0;) {
     const uint64_t extent = static_cast<uint64_t>(tensor.shape[d]);
     index[d] = static_cast<int64_t>(extent ? flat % extent : 0);
     flat = extent ? flat / extent : 0;
   }
-  const float value = out[bad];
   throw CheckError(tensor.file + ": tensor '" + tensor.name + "' holds a non-finite value (" +
-                   (std::isnan(value) ? "NaN" : value > 0 ? "+inf" : "-inf") + ") at " + shape_string(index) +
+                   (nan ? "NaN" : negative ? "-inf" : "+inf") + ") at " + shape_string(index) +
                    ": the checkpoint is broken, no divergence can be computed from it");
+}
+
+void tensor_to_fp32_finite(const TensorEntry& tensor, uint64_t first, uint64_t count, float* out) {
+  tensor_to_fp32(tensor, first, count, out);
+  const size_t bad = first_non_finite(out, count);
+  if (bad != count) throw_non_finite(tensor, first + bad);
 }
 
 std::vector<float> tensor_to_fp32_finite(const TensorEntry& tensor) {

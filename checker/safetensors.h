@@ -16,6 +16,9 @@ enum class DType { BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32
 
 const char* dtype_name(DType dtype);
 size_t dtype_size(DType dtype);
+// Whether the dtype holds floating-point values (F64, F32, F16, BF16, F8_E5M2, F8_E4M3), which can be NaN
+// or infinite; the integer and bool dtypes cannot.
+bool is_float(DType dtype);
 
 struct TensorEntry {
   std::string name;
@@ -68,6 +71,8 @@ class Checkpoint {
   // The __metadata__ value for `key`, from the first shard that has it.
   std::optional<std::string> metadata_value(const std::string& key) const;
   const std::vector<std::pair<std::string, std::string>>& metadata() const { return metadata_; }
+  // Every tensor of every shard, in file order: shard by shard as they were opened, by data offset within one.
+  const std::vector<const TensorEntry*>& tensors() const { return order_; }
 
  private:
   void add_file(const std::string& path);
@@ -75,6 +80,7 @@ class Checkpoint {
   std::string directory_;
   std::vector<std::unique_ptr<MappedFile>> files_;
   std::unordered_map<std::string, TensorEntry> tensors_;
+  std::vector<const TensorEntry*> order_;  // into tensors_ (its elements do not move)
   std::vector<std::pair<std::string, std::string>> metadata_;
 };
 
@@ -89,6 +95,15 @@ std::vector<float> tensor_to_fp32_finite(const TensorEntry& tensor);
 
 // Index of the first NaN or infinity in x[0..n), or n when all are finite.
 size_t first_non_finite(const float* x, size_t n);
+
+// The same over elements [first, first + count) of a floating-point tensor of any dtype (is_float), read
+// from the stored bits without converting them: the offset in the range of the first NaN or infinity, or
+// count when all are finite. Non-float tensors have none.
+uint64_t first_non_finite(const TensorEntry& tensor, uint64_t first, uint64_t count);
+
+// The CheckError for element `element` (flat index) of a tensor, which is NaN or infinite: names the file,
+// the tensor, the value (NaN, +inf, -inf) and the element's index in the tensor's shape.
+[[noreturn]] void throw_non_finite(const TensorEntry& tensor, uint64_t element);
 
 // Page-cache hints for a tensor's bytes in its mapped file: prefetch() asks the kernel to read them
 // ahead (MADV_WILLNEED); release() drops this process's mapping of them (MADV_DONTNEED), so pages of

@@ -55,6 +55,8 @@ std::vector<SinkMeans> sink_means(Model& model, const std::vector<SetInput>& set
   // Every set is checked before any is run, so bad input fails fast.
   std::vector<std::vector<size_t>> qualifying;
   for (const SetInput& set : sets) qualifying.push_back(qualifying_sequences(model, *set.sequences, sink, set.name));
+  // Then every float tensor of the checkpoint, read or not by the statistic: a NaN or infinity anywhere is refused.
+  model.check_finite();
 
   struct Ref {
     size_t set, index;

@@ -40,11 +40,13 @@ struct RunOptions {
 
 // a_h(X) over `sequences`: for each sequence x of length T > sink + 1, a_h(x) is the mean of
 // A_h[i, sink] over queries i = sink+1 .. T-1; shorter sequences contribute nothing. Throws CheckError
-// for an out-of-range token id or when no sequence qualifies.
+// for an out-of-range token id or when no sequence qualifies, then (Model::check_finite) for a NaN or
+// infinity in any floating-point tensor of the checkpoint.
 SinkMeans mean_sink_values(Model& model, const std::vector<Sequence>& sequences, int sink, const char* set_name,
                            const Progress& progress = nullptr, const RunOptions& options = {});
 
-// d_h = a_h(harmful) - a_h(harmless) for every layer and query head; both sets share each pass.
+// d_h = a_h(harmful) - a_h(harmless) for every layer and query head; both sets share each pass. The same
+// checks as mean_sink_values, before any compute.
 SinkDivergence sink_divergence(Model& model, const std::vector<Sequence>& harmful,
                                const std::vector<Sequence>& harmless, int sink, const Progress& progress = nullptr,
                                const RunOptions& options = {});

@@ -1,7 +1,6 @@
 """Bad input is rejected with the right one-line message and exit code 2: a corpus of broken safetensors headers
 and offsets for the strict parser, then broken checkpoints, configs and probes through the command line."""
 import json
-import math
 import shutil
 import struct
 
@@ -363,12 +362,176 @@ def test_nan_checkpoint_does_not_pass_the_gate(base):
     done = run_cli(base["folder"], "--probes", base["probes"], "--compare", folder, "--json", base["root"] / "cmp.json")
     assert done.returncode == 2 and done.stdout == "" and not (base["root"] / "cmp.json").exists()
     assert done.stderr.count("\n") == 1 and "'model.layers.0.self_attn.k_proj.weight' holds a non-finite" in done.stderr
-    # A NaN in a tensor the statistic never reads (the last layer's MLP) changes nothing: the audit runs.
+    # A NaN in a tensor the statistic never reads (the last layer's MLP) used to change nothing: the audit ran and
+    # passed the gate. Now it is refused like any other (the next section), as --compare's checkpoint too, before
+    # PATH's audit computes.
     unused = variant(base, "nan_unused", tensors=poke("model.layers.1.mlp.up_proj.weight", (0, 0), float("nan")))
-    out = base["root"] / "unused.json"
-    done = run_cli(unused, "--probes", base["probes"], "--json", out)
+    expect_bad_input(unused, "--probes", base["probes"], "--max-positive", "1000",
+                     message="tensor 'model.layers.1.mlp.up_proj.weight' holds a non-finite value (NaN) at [0, 0]")
+    done = run_cli(base["folder"], "--probes", base["probes"], "--compare", unused, "--json", base["root"] / "cmp.json")
+    assert done.returncode == 2 and done.stdout == "" and not (base["root"] / "cmp.json").exists()
+    assert done.stderr.count("\n") == 1 and "'model.layers.1.mlp.up_proj.weight' holds a non-finite" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One rule for non-finite values: a NaN or infinity in any floating-point tensor of the checkpoint is refused,
+# read by the statistic or not (surgery.py's rule for what it writes and resumes from), whatever its dtype and
+# shard. Integer and bool tensors hold no NaN: their bits are never read as floats.
+# ---------------------------------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def add(name, tensor):
+    """A tensor the config does not name (a checkpoint may carry any)."""
+    return lambda state: state.__setitem__(name, tensor)
+
+
+def stored(dtype, *bits):
+    """A 1-D tensor of `dtype` holding exactly these stored bytes (float8 values are given by their bits)."""
+    return torch.tensor(bits, dtype=torch.uint8).view(dtype)
+
+
+def holding(dtype, value, index=(1, 2), shape=(2, 3)):
+    """A tensor of `dtype` (shape [2, 3] unless given), zeros but `value` at `index`."""
+    tensor = torch.zeros(shape)
+    tensor[index] = value
+    return tensor.to(dtype)
+
+
+NOT_READ = "tensor '{}' holds a non-finite value ({}) at {}"
+UNREAD_CASES = {
+    # Tensors the statistic does not read: the last layer's value, output and MLP weights, the final norm, the
+    # embedding rows no probe uses (the probes use tokens 1-6 and 257).
+    "NaN in the last layer's MLP": (poke("model.layers.1.mlp.down_proj.weight", (7, 100), NAN),
+                                    NOT_READ.format("model.layers.1.mlp.down_proj.weight", "NaN", "[7, 100]")),
+    "+inf in the last layer's value projection": (poke("model.layers.1.self_attn.v_proj.weight", (5, 9), INF),
+                                                  NOT_READ.format("model.layers.1.self_attn.v_proj.weight", "+inf",
+                                                                  "[5, 9]")),
+    "-inf in the last layer's output projection": (poke("model.layers.1.self_attn.o_proj.weight", (0, 63), -INF),
+                                                   NOT_READ.format("model.layers.1.self_attn.o_proj.weight", "-inf",
+                                                                   "[0, 63]")),
+    "NaN in the final norm": (poke("model.norm.weight", (3,), NAN), NOT_READ.format("model.norm.weight", "NaN", "[3]")),
+    "-inf in an embedding row no probe uses": (poke("model.embed_tokens.weight", (12, 0), -INF),
+                                               NOT_READ.format("model.embed_tokens.weight", "-inf", "[12, 0]")),
+    # An LM head beside the tied embeddings (untied models store one; this tiny Llama ties them).
+    "NaN in an LM head": (add("lm_head.weight", holding(torch.float32, NAN, (200, 5), shape=(259, 64))),
+                          NOT_READ.format("lm_head.weight", "NaN", "[200, 5]")),
+    # A tensor the config does not name, in every floating-point dtype the parser accepts.
+    "F32 NaN": (add("extra.weight", holding(torch.float32, NAN)), NOT_READ.format("extra.weight", "NaN", "[1, 2]")),
+    "F32 +inf": (add("extra.weight", holding(torch.float32, INF)), NOT_READ.format("extra.weight", "+inf", "[1, 2]")),
+    "F16 NaN": (add("extra.weight", holding(torch.float16, NAN)), NOT_READ.format("extra.weight", "NaN", "[1, 2]")),
+    "F16 -inf": (add("extra.weight", holding(torch.float16, -INF)), NOT_READ.format("extra.weight", "-inf", "[1, 2]")),
+    "BF16 NaN": (add("extra.weight", holding(torch.bfloat16, NAN)), NOT_READ.format("extra.weight", "NaN", "[1, 2]")),
+    "BF16 +inf": (add("extra.weight", holding(torch.bfloat16, INF)), NOT_READ.format("extra.weight", "+inf", "[1, 2]")),
+    "F64 NaN": (add("extra.weight", holding(torch.float64, NAN)), NOT_READ.format("extra.weight", "NaN", "[1, 2]")),
+    "F64 -inf": (add("extra.weight", holding(torch.float64, -INF)), NOT_READ.format("extra.weight", "-inf", "[1, 2]")),
+    # float8 by its bits: E5M2 has IEEE infinities (S.11111.00) and NaNs; E4M3 (fn) has no infinity, S.1111.111 is NaN.
+    "F8_E5M2 NaN": (add("extra.weight", stored(torch.float8_e5m2, 0x3C, 0x00, 0xFE, 0x01)),
+                    NOT_READ.format("extra.weight", "NaN", "[2]")),
+    "F8_E5M2 +inf": (add("extra.weight", stored(torch.float8_e5m2, 0x3C, 0x7C, 0x00)),
+                     NOT_READ.format("extra.weight", "+inf", "[1]")),
+    "F8_E5M2 -inf": (add("extra.weight", stored(torch.float8_e5m2, 0xFC)), NOT_READ.format("extra.weight", "-inf", "[0]")),
+    "F8_E4M3 NaN": (add("extra.weight", stored(torch.float8_e4m3fn, 0x7E, 0x00, 0x7F)),
+                    NOT_READ.format("extra.weight", "NaN", "[2]")),
+    "F8_E4M3 negative NaN": (add("extra.weight", stored(torch.float8_e4m3fn, 0xFE, 0xFF)),
+                             NOT_READ.format("extra.weight", "NaN", "[1]")),
+    "scalar NaN": (add("extra.scale", torch.tensor(NAN)), NOT_READ.format("extra.scale", "NaN", "[]")),
+}
+
+
+@pytest.mark.parametrize("name", UNREAD_CASES)
+def test_cli_rejects_non_finite_value_in_any_float_tensor(base, name):
+    change, message = UNREAD_CASES[name]
+    folder = variant(base, "unread_" + name.replace(" ", "_").replace("'", ""), tensors=change)
+    expect_bad_input(folder, "--probes", base["probes"], "--max-positive", "1000", message=message)
+
+
+def test_finite_extremes_and_integer_tensors_pass(base):
+    """The largest, smallest and subnormal finite values of every float dtype, and integer and bool tensors whose
+    bits would be NaN or infinity as floats: a clean checkpoint, audited to the same result as without them."""
+    def extremes(state):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            info = torch.finfo(dtype)
+            state[f"extra.{dtype}".replace("torch.", "")] = torch.tensor(
+                [info.max, -info.max, info.tiny, info.smallest_normal / 4, -0.0], dtype=dtype)
+        state["extra.e5m2"] = stored(torch.float8_e5m2, 0x7B, 0xFB, 0x01, 0x80)  # +-57344, the smallest subnormal, -0
+        state["extra.e4m3"] = stored(torch.float8_e4m3fn, 0x7E, 0xFE, 0x01, 0x80)  # +-448, the smallest subnormal, -0
+        state["extra.i32"] = torch.tensor([0x7FC00000, 0x7F800000, -1], dtype=torch.int32)
+        state["extra.i64"] = torch.tensor([0x7FF8000000000000, -1], dtype=torch.int64)
+        state["extra.i16"] = torch.tensor([0x7C00, 0x7F80, -1], dtype=torch.int16)
+        state["extra.u8"] = torch.tensor([0x7F, 0xFF, 0x7C], dtype=torch.uint8)
+        state["extra.i8"] = torch.tensor([0x7F, -1], dtype=torch.int8)
+        state["extra.bool"] = torch.tensor([True, False])
+    folder = variant(base, "finite_extremes", tensors=extremes)
+    outputs = []
+    for checkpoint in (base["folder"], folder):
+        out = base["root"] / f"{checkpoint.name}.json"
+        done = run_cli(checkpoint, "--probes", base["probes"], "--json", out)
+        assert done.returncode == 0, done.stderr
+        outputs.append(json.loads(out.read_text())["divergence"])
+    assert outputs[0] == outputs[1]
+
+
+def shard(folder, first_names):
+    """Splits the folder's model.safetensors into two shards and an index, the tensors in first_names first."""
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    parts = [{k: v for k, v in state.items() if k in first_names}, {k: v for k, v in state.items() if k not in first_names}]
+    for file, part in zip(names, parts):
+        save_file(part, str(folder / file))
+    weight_map = {k: names[0] if k in first_names else names[1] for k in state}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_sharded_checkpoint_nan_in_the_second_shard(base):
+    """Every shard is read: the NaN is found in the second, and named with that shard's file."""
+    first = {"model.embed_tokens.weight"} | {k for k in load_file(str(base["folder"] / "model.safetensors"))
+                                             if k.startswith("model.layers.0.")}
+    clean = shard(variant(base, "sharded_clean"), first)
+    done = run_cli(clean, "--probes", base["probes"], "--json", base["root"] / "sharded.json")
     assert done.returncode == 0, done.stderr
-    assert all(math.isfinite(d) for row in json.loads(out.read_text())["divergence"] for d in row)
+    broken = shard(variant(base, "sharded_nan", tensors=poke("model.layers.1.mlp.gate_proj.weight", (127, 1), NAN)),
+                   first)
+    expect_bad_input(broken, "--probes", base["probes"],
+                     message="model-00002-of-00002.safetensors: tensor 'model.layers.1.mlp.gate_proj.weight' holds a "
+                             "non-finite value (NaN) at [127, 1]")
+    # The index itself as PATH finds it too.
+    expect_bad_input(broken / "model.safetensors.index.json", "--probes", base["probes"],
+                     message="tensor 'model.layers.1.mlp.gate_proj.weight' holds a non-finite value (NaN) at [127, 1]")
+
+
+def test_first_non_finite_in_file_order_whatever_the_threads(base):
+    """A tensor of several 4 MB chunks with bad values in its second and third: the first in file order is named,
+    on one thread or many (chunks finish in any order), and the element index is counted across chunks."""
+    big = torch.zeros(3000, 1000)
+    big[2500, 7] = NAN   # third chunk of 1,048,576 floats
+    big[1500, 3] = -INF  # second chunk
+    folder = variant(base, "big_chunks", tensors=add("extra.big", big))
+    for threads in ("1", "4"):
+        expect_bad_input(folder, "--probes", base["probes"], "--threads", threads,
+                         message="tensor 'extra.big' holds a non-finite value (-inf) at [1500, 3]")
+
+
+def test_model_refuses_before_any_result(base):
+    """The C++ entry points check too, not only the command line: check_finite() names the value, and an audit
+    through the module refuses the checkpoint before computing."""
+    folder = variant(base, "api_nan", tensors=add("lm_head.weight", holding(torch.bfloat16, NAN, (0, 1))))
+    model = _core.Model(str(folder), threads=2)
+    message = "tensor 'lm_head.weight' holds a non-finite value (NaN) at [0, 1]"
+    with pytest.raises(_core.CheckError, match=None) as caught:
+        model.check_finite()
+    assert message in str(caught.value)
+    for call in (lambda: model.mean_sink_values([[257, 1, 2, 3]]),
+                 lambda: model.sink_divergence([[257, 1, 2, 3]], [[257, 4, 5, 6]])):
+        with pytest.raises(_core.CheckError) as caught:
+            call()
+        assert message in str(caught.value)
+    good = _core.Model(str(base["folder"]), threads=2)
+    good.check_finite()
+    good.check_finite()  # once per model: the second call returns at once
 
 
 def test_cli_rejects_truncated_and_missing_files(base):

@@ -32,7 +32,8 @@ probes, in order of preference (the report and --json name the set used: "file:F
 
 exit status: 0 done, 1 more positive heads than --max-positive, 2 bad input (one line on stderr, no output
 file written): bad flags, unreadable or malformed files, unsupported models, bad probes, and checkpoints
-holding NaN or infinite weights (or whose activations overflow), named by tensor or layer.
+holding a NaN or infinity in any floating-point tensor (named with the element), or whose activations
+overflow (named by layer).
 On a terminal, a line per layer on stderr shows progress and an estimate of the time left."""
 
 
@@ -201,6 +202,11 @@ def run(argv):
     model = core.Model(str(args.path), threads=args.threads)
     other_model = core.Model(str(args.compare), threads=args.threads) if args.compare else None
     probes = load_probes(args, core, probes_mod)
+    # Then every floating-point tensor of both, streamed (the audits would check only what they read): a NaN or
+    # infinity anywhere, the LM head included, is bad input before either audit computes.
+    for m in (model, other_model):
+        if m is not None:
+            m.check_finite()
     result = audit(model, args.path, probes)
     del model  # its layer buffers go before the second audit fills its own
     other = audit(other_model, args.compare, probes) if args.compare else None
