@@ -370,9 +370,19 @@ def load_model(name_or_path, device, dtype, attn_implementation):
         except Exception as e:  # safetensors, torch and transformers raise many types for a damaged checkpoint
             raise UserError(f"cannot load model {model_where(name)}: {cause(e)}") from None
     check_loading_info(info, name)
+    check_weights_finite(model, name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
+
+
+def check_weights_finite(model, name):
+    """The one rule for weights, which sinkcheck keeps too: a NaN or infinity in any floating-point tensor, read or
+    not, means a broken checkpoint, refused before anything is computed from it."""
+    for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"cannot use model {model_where(name)}: weight {key} holds NaN or infinity (a broken "
+                            f"checkpoint: surgery.py and sinkcheck refuse any non-finite weight)")
 
 
 LOGGED_VALUES = ("task_loss", "sink_loss", "extra_loss", "grad_norm")

@@ -161,12 +161,15 @@ def without_chat_template(folder):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def with_nan_weight(folder):
+def with_nan_weight(folder, name="model.layers.0.self_attn.q_proj.weight", value=float("nan")):
     tensors = load_file(folder / "model.safetensors")
-    name = "model.layers.0.self_attn.q_proj.weight"
     tensors[name] = tensors[name].clone()
-    tensors[name][0, 0] = float("nan")
+    tensors[name].view(-1)[0] = value
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def with_inf_final_norm(folder):  # a tensor the sink values never read: the one rule refuses it all the same
+    with_nan_weight(folder, "model.norm.weight", float("inf"))
 
 
 def bad_models(root, good):
@@ -185,6 +188,7 @@ def bad_models(root, good):
     models = {
         "no_chat_template": copy_model(good, root / "no_chat_template", without_chat_template),
         "nan_weights": copy_model(good, root / "nan_weights", with_nan_weight),
+        "inf_final_norm": copy_model(good, root / "inf_final_norm", with_inf_final_norm),
         "no_weights": copy_model(good, root / "no_weights", lambda f: (f / "model.safetensors").unlink()),
         "broken_config": copy_model(good, root / "broken_config", lambda f: (f / "config.json").write_text("{")),
         "no_config": copy_model(good, root / "no_config", lambda f: (f / "config.json").unlink()),

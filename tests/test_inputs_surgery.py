@@ -212,8 +212,12 @@ MODEL_ROWS = {
                                                           "'o_proj', 'q_proj', 'v_proj'] in this model (its linear "
                                                           "layers: lm_head); name some of those, or train every "
                                                           "weight with --full"),
-    "model with NaN weights": (["--model", "{nan_weights}"], "its sink values on the probes are not finite before "
-                                                             "any training"),
+    "model with NaN weights": (["--model", "{nan_weights}"], "cannot use model {nan_weights}: weight "
+                                                             "model.layers.0.self_attn.q_proj.weight holds NaN or "
+                                                             "infinity"),
+    "model with an infinite weight the sinks never read": (["--model", "{inf_final_norm}"],
+                                                           "cannot use model {inf_final_norm}: weight model.norm.weight "
+                                                           "holds NaN or infinity"),
 }
 
 ROWS = {**FLAG_ROWS, **FILE_ROWS, **OUTPUT_ROWS, **MODEL_ROWS}
