@@ -38,6 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import ArgumentParser  # noqa: E402
 
 
 def probe_ids(model_dir, n, max_len):
@@ -194,7 +195,7 @@ def timed(fn):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="threads for both torch and sinkcheck (default 2)")
     parser.add_argument("--probes", type=int, default=32, help="harmful and harmless probes each (default 32)")
     parser.add_argument("--max-len", type=int, default=256, help="truncate probes to this many tokens")

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import scale  # noqa: E402
 import surgery  # noqa: E402
+from common import ArgumentParser  # noqa: E402
 from defenses.asft import AsFT  # noqa: E402
 from defenses.sap import SAP  # noqa: E402
 
@@ -285,7 +286,7 @@ def peak_memory(kind, variant, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--config", help="instead of --model: a randomly initialised model of this shape, a config.json "
