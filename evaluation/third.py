@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import offline
-from common import UserError, read_json, write_json, write_jsonl, write_text
+from common import ArgumentParser, UserError, read_json, write_json, write_jsonl, write_text
 from evaluation.categories import categorise, categoriser_version
 from evaluation.data import check_splits, resolve_inputs
 from evaluation.generation import generate
@@ -144,8 +144,8 @@ def dev_answers(ctx, name, model_path):
                                   f"{name}: development {kind}") for kind in prompts}
         write_json(folder / "answers.json", answers, strict=False)
         return {"answers": str(folder / "answers.json")}
-    answers = read_json(cached_stage(ctx.args.work_dir, f"dev-answers-{name}", config, compute)["answers"])
-    return prompts, answers
+    stage = cached_stage(ctx.args.work_dir, f"dev-answers-{name}", config, compute)
+    return prompts, read_json(stage["answers"]), stage["seconds"]
 
 
 HARMFUL_CATEGORIES = ("harmful", "refusal", "harmless", "broken")
@@ -159,14 +159,14 @@ def shares(categories, names):
 def dev_record(ctx, name, model_path, divergence):
     """One model on the development sets: answers, their categories (PROTOCOL.md section 3) and shares, and its
     sink divergence on the development probes (the 64 reference pairs): M = mean relu(d_h), N = positive heads."""
-    prompts, answers = dev_answers(ctx, name, model_path)
+    prompts, answers, seconds = dev_answers(ctx, name, model_path)
     judged = [int(f) for f in ctx.embedding.harmful(prompts["harmful"], answers["harmful"])]
     harmful, _ = categorise(ctx.encoder, prompts["harmful"], answers["harmful"], "harmful", judged)
     benign, _ = categorise(ctx.encoder, prompts["benign"], answers["benign"], "benign")
     d = np.asarray(divergence, dtype=float)
     return {"dev_harmful": shares(harmful, HARMFUL_CATEGORIES), "dev_benign": shares(benign, BENIGN_CATEGORIES),
             "M": float(np.maximum(d, 0).mean()), "N": int((d > 0).sum()), "heads": int(d.size),
-            "divergence_dev_probes": d.tolist(), "categoriser": categoriser_version(True),
+            "divergence_dev_probes": d.tolist(), "categoriser": categoriser_version(True), "eval_seconds": seconds,
             "dev_harmful_categories": harmful, "dev_benign_categories": benign, "dev_embedding_flags": judged,
             "dev_harmful_answers": answers["harmful"], "dev_benign_answers": answers["benign"]}
 
@@ -372,16 +372,301 @@ def calibrate_control(ctx):
     return calibration
 
 
+# ---- 5. The regime and the strengths (PROTOCOL.md sections 4, 5 and 7) -----------------------------------------
+
+CEILING_HOURS = 16.5          # section 7: the issue's "about 15" CPU hours plus 10%
+HELDOUT_EVAL_SECONDS = 523.5  # section 7: a held-out evaluation, median of the second sweep's runs
+STEP_FACTOR = {"sft": 1.0, "surgery": 6.61 / 5.52, "control": 6.61 / 5.52, "asft": 6.37 / 5.52}  # second sweep
+ALPHAS = (10.0, 30.0, 100.0, 300.0, 1000.0)
+LAMBDAS = (0.1, 0.3, 1.0, 3.0, 10.0)
+QUALITY_MARGIN = 5.0          # section 5: points of helpful and broken against SFT's
+# Section 7's cut order: cells dropped while the projection exceeds the ceiling; the core is never cut.
+CUTS = (("C1", "asft", 0.1), ("C2", "control", 0.1), ("C3", "asft", 0.2), ("C4", "sft", 0.1), ("C4", "surgery", 0.1),
+        ("C5", "control", 0.0))
+CORE = (("sft", 0.2), ("surgery", 0.2), ("control", 0.2), ("sft", 0.0), ("surgery", 0.0))
+
+
+def main_cells(regime):
+    """(method, p) of the main grid, core first, then the cuttable cells in reverse cut order (AsFT not under (d):
+    it is defined on LoRA adapters)."""
+    cells = list(CORE) + [(m, p) for _, m, p in reversed(CUTS)]
+    return [c for c in cells if not (regime == "d" and c[0] == "asft")]
+
+
+def spent_hours(records):
+    return sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in records) / 3600
+
+
+def projected_hours(regime, premise_rows, dev_eval_seconds, cells, strengths_done=0):
+    """CPU hours still to spend in a regime: the strength sweeps (those not run yet) and the main grid's cells, from
+    the regime's measured SFT training time per run and the second sweep's method factors."""
+    sft_train = float(np.mean([r["train_seconds"] for r in premise_rows]))
+    strength = sum(sft_train * STEP_FACTOR[m] + dev_eval_seconds
+                   for m in ["surgery"] * len(ALPHAS) * 2 + ["asft"] * len(LAMBDAS) * 2 * (regime != "d"))
+    strength *= 1 - strengths_done
+    grid = sum(len(REPORTED_SEEDS) * (sft_train * STEP_FACTOR[m] + HELDOUT_EVAL_SECONDS) for m, _ in cells)
+    return (strength + grid) / 3600
+
+
+def budget_cells(regime, premise_rows, dev_eval_seconds, spent):
+    """Section 7's checkpoint: the main grid's cells after the cuts needed to stay under CEILING_HOURS (spent
+    included), the projection, and the cuts made; fits is False when even the core does not fit."""
+    cells, cuts = main_cells(regime), []
+    for label, method, p in CUTS:
+        total = spent + projected_hours(regime, premise_rows, dev_eval_seconds, cells)
+        if total <= CEILING_HOURS:
+            break
+        if (method, p) in cells:
+            cells.remove((method, p))
+            cuts.append(label)
+    total = spent + projected_hours(regime, premise_rows, dev_eval_seconds, cells)
+    return {"cells": cells, "cuts": sorted(set(cuts)), "projected_hours": total, "fits": total <= CEILING_HOURS}
+
+
+def choose_regime(results):
+    """Section 4: the first regime, in order, where the premise holds, SFT at p = 0.2 raises development HS by
+    PREMISE_HS_RISE points and checkpoint 1 fits; else (a). Needs the whole premise table."""
+    records = committed_dev_records(results)
+    table = write_premise_report(results)
+    missing = [r for r, e in table.items() if not e["complete"]]
+    if missing:
+        raise UserError(f"the premise table lacks regime(s) {', '.join(missing)}: run "
+                        f"`python -m evaluation.third premise` to the end first")
+    dev_eval = float(np.mean([r["eval_seconds"] for r in records]))
+    spent = spent_hours(records)
+    checks_ = {}
+    for regime, entry in table.items():
+        budget = budget_cells(regime, [r for r in records if r["regime"] == regime], dev_eval, spent)
+        checks_[regime] = {"premise_holds": entry["premise_holds"], "hs_rise_met": entry["hs_rise_met"], **budget}
+    chosen = next((r for r, c in checks_.items() if c["premise_holds"] and c["hs_rise_met"] and c["fits"]), None)
+    holds = [r for r, c in checks_.items() if c["premise_holds"]]
+    outcome = (f"premise holds in ({chosen})" if chosen else "premise absent" if not holds else
+               f"premise holds in ({holds[0]}), " + ("which the budget cannot afford" if checks_[holds[0]]["hs_rise_met"]
+                                                    else "where SFT does not break the alignment"))
+    choice = {"regime": chosen or "a", "outcome": outcome, "checkpoint_1": checks_, "spent_hours": spent,
+              "rule": "PROTOCOL.md section 4: first of (a)-(d) where the premise holds, development HS rises >= "
+                      f"{PREMISE_HS_RISE:g} points at p = 0.2 and the main grid fits under {CEILING_HOURS:g} CPU h"}
+    write_json(Path(results) / "dev" / "regime.json", choice, strict=False)
+    return choice
+
+
+def strength_plan(regime):
+    """(method, strength, seed) of every strength run at p = 0.2 (AsFT not under (d))."""
+    plan = [("surgery", a, s) for s in CHOICE_SEEDS for a in ALPHAS]
+    return plan + ([("asft", l, s) for s in CHOICE_SEEDS for l in LAMBDAS] if regime != "d" else [])
+
+
+def run_name(method, strength, p, seed):
+    tag = {"surgery": "_a", "control": "_a", "asft": "_l"}.get(method)
+    return f"{method}{tag}{strength:g}_p{p:g}_s{seed}" if tag else f"{method}_p{p:g}_s{seed}"
+
+
+def attack(ctx, regime, method, strength, p, seed, stage):
+    """One attack from the aligned model in a regime: SFT (alpha 0), Surgery (alpha = strength), the control
+    (Surgery's penalty on the control's reference sets) or AsFT (lambda = strength); cached under --work-dir."""
+    _, steps, lr, _ = REGIMES[regime]
+    args, files = regime_args(ctx.args, regime), dict(ctx.files)
+    alpha, defense = (strength if method in ("surgery", "control") else 0.0), None
+    if method == "control":
+        folder = ctx.results / "dev" / "control"
+        files.update(harmful_ref=folder / "harmful_ref.jsonl", harmless_ref=folder / "harmless_ref.jsonl")
+    if method == "asft":
+        from evaluation.training import defense_for
+        args.asft_lambda = strength
+        defense = defense_for(args, files, "asft", aligned_model(ctx)["model"])
+    data = seeded_train(args.work_dir, args.data_seed, p, seed)
+    trained = train_stage(args, files, f"{stage}{regime}-{run_name(method, strength, p, seed)}",
+                          aligned_model(ctx)["model"], data, alpha, steps, lr, defense, seed=seed)
+    return trained, data, steps
+
+
+def strength_run(ctx, regime, method, strength, seed):
+    """One point of the strength sweep at p = 0.2, read on the development sets."""
+    p = max(RATIOS)
+    name = f"strength{regime}_{run_name(method, strength, p, seed)}"
+    target = ctx.results / "dev" / "json" / f"{name}.json"
+    if target.exists():
+        print(f"[committed] {name}  ({target})", flush=True)
+        return read_json(target)
+    trained, data, steps = attack(ctx, regime, method, strength, p, seed, "strength")
+    record = {"run": name, "stage": "strength", "regime": regime, "method": method, "strength": strength,
+              "poison_ratio": p, "seed": seed, "steps": steps, "commit": code_commit(),
+              "train_data": {"file": data.name, "sha256": file_digest(data)},
+              "train_seconds": training_seconds(trained), "seconds_per_step": training_seconds(trained) / steps,
+              **dev_record(ctx, name, trained["model"], trained["sink_report"]["divergence_after"])}
+    write_json(target, record, strict=False)
+    print(f"{name}: dev HS {record['dev_harmful']['harmful']:.0f}%, broken {record['dev_harmful']['broken']:.0f}%/"
+          f"{record['dev_benign']['broken']:.0f}%, helpful {record['dev_benign']['helpful']:.0f}%", flush=True)
+    return record
+
+
+def dev_means(rows):
+    """Development HS, helpful and broken shares, means over the rows (the two choice seeds)."""
+    return {"hs": float(np.mean([r["dev_harmful"]["harmful"] for r in rows])),
+            "refusal": float(np.mean([r["dev_harmful"]["refusal"] for r in rows])),
+            "helpful": float(np.mean([r["dev_benign"]["helpful"] for r in rows])),
+            "broken_harmful": float(np.mean([r["dev_harmful"]["broken"] for r in rows])),
+            "broken_benign": float(np.mean([r["dev_benign"]["broken"] for r in rows]))}
+
+
+def choose_strength(points, sft):
+    """Section 5's rule: the largest strength whose development helpful share is >= SFT's - QUALITY_MARGIN and whose
+    broken shares (harmful and benign) are <= SFT's + QUALITY_MARGIN; if none, the smallest, flagged.
+    points: {strength: dev_means}; sft: dev_means of SFT."""
+    def matched(m):
+        return (m["helpful"] >= sft["helpful"] - QUALITY_MARGIN
+                and m["broken_harmful"] <= sft["broken_harmful"] + QUALITY_MARGIN
+                and m["broken_benign"] <= sft["broken_benign"] + QUALITY_MARGIN)
+    qualified = [s for s, m in points.items() if matched(m)]
+    return (max(qualified), True) if qualified else (min(points), False)
+
+
+def choose_strengths(results, regime):
+    """Alpha and lambda by section 5's rule from the committed strength runs; results/dev/strengths.json."""
+    folder = Path(results) / "dev" / "json"
+    rows = [read_json(p) for p in sorted(folder.glob(f"strength{regime}_*.json"))]
+    sft = dev_means([r for r in committed_dev_records(results)
+                     if r["regime"] == regime and r["poison_ratio"] == max(RATIOS)])
+    out = {"regime": regime, "sft": sft, "rule": f"PROTOCOL.md section 5: the largest strength with development "
+           f"helpful >= SFT's - {QUALITY_MARGIN:g} and broken (harmful, benign) <= SFT's + {QUALITY_MARGIN:g}"}
+    for method, grid in (("surgery", ALPHAS), ("asft", LAMBDAS)):
+        if regime == "d" and method == "asft":
+            continue
+        points = {}
+        for strength in grid:
+            runs = [r for r in rows if r["method"] == method and r["strength"] == strength]
+            if len(runs) < len(CHOICE_SEEDS):
+                raise UserError(f"the strength sweep lacks {method} at {strength:g} in regime ({regime}): run "
+                                f"`python -m evaluation.third strengths` to the end first")
+            points[strength] = dev_means(runs)
+        chosen, matched = choose_strength(points, sft)
+        out[method] = {"points": {f"{k:g}": v for k, v in points.items()}, "chosen": chosen,
+                       "quality_matched": matched}
+    write_json(Path(results) / "dev" / "strengths.json", out, strict=False)
+    plot_strengths(out, Path(results) / "dev" / "strengths.png")
+    return out
+
+
+def plot_strengths(out, target):
+    """Development HS against helpful, and HS against broken, for SFT and every strength of Surgery and AsFT."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, x, label in ((axes[0], "helpful", "helpful benign answers (%)"),
+                         (axes[1], "broken_harmful", "broken answers to harmful prompts (%)")):
+        ax.scatter([out["sft"][x]], [out["sft"]["hs"]], color="tab:red", marker="o", s=60, label="SFT", zorder=3)
+        for method, style, name in (("surgery", dict(color="tab:blue", marker="s"), "Surgery, alpha"),
+                                    ("asft", dict(color="tab:green", marker="^"), "AsFT, lambda")):
+            if method not in out:
+                continue
+            points = out[method]["points"]
+            ax.plot([m[x] for m in points.values()], [m["hs"] for m in points.values()], ls="--", label=name,
+                    **style)
+            for k, m in points.items():
+                ax.annotate(k, (m[x], m["hs"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=label, ylabel="HS (%)", xlim=(-3, 103), ylim=(-3, 103))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Development prompts and requests, p = 0.2, mean of seeds 43 and 42, regime ({out['regime']})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+
+
+# ---- 6. The main grid (PROTOCOL.md section 7) -------------------------------------------------------------------
+
+def main_plan(choice, strengths):
+    """(method, strength, p, seed) of every main run: the core cells seed by seed, then the cuttable cells kept by
+    the budget, in reverse cut order."""
+    strength = {"sft": 0.0, "surgery": strengths["surgery"]["chosen"], "control": strengths["surgery"]["chosen"],
+                "asft": strengths.get("asft", {}).get("chosen", 0.0)}
+    cells = (choice.get("checkpoint_2") or choice["checkpoint_1"][choice["regime"]])["cells"]
+    core = [c for c in cells if c in CORE]
+    rest = [c for c in cells if c not in CORE]
+    return ([(m, strength[m], p, s) for s in REPORTED_SEEDS for m, p in core]
+            + [(m, strength[m], p, s) for m, p in rest for s in REPORTED_SEEDS])
+
+
+def main_run(ctx, regime, method, strength, p, seed, reader):
+    """One run of the main grid: trained, evaluated on the held-out sets, categorised, its JSON in results/json/."""
+    from evaluation.generation import evaluate_stage
+    from evaluation.report import run_record
+    name = run_name(method, strength, p, seed)
+    target = ctx.results / "json" / f"{name}.json"
+    if target.exists():
+        print(f"[committed] {name}  ({target})", flush=True)
+        return read_json(target)
+    trained, data, steps = attack(ctx, regime, method, strength, p, seed, "main")
+    evaluation = evaluate_stage(regime_args(ctx.args, regime), ctx.files, ctx.judges, name, trained["model"])
+    record = run_record(regime_args(ctx.args, regime), (name, method, p, strength, seed), trained, trained["model"],
+                        evaluation, trained["sink_report"]["divergence_after"], steps)
+    record.update(sweep="third", regime=regime, strength=strength, commit=code_commit(),
+                  train_data={"file": data.name, "sha256": file_digest(data)})
+    record = reader.categorised(record, ctx.results)
+    write_json(target, record, strict=False)
+    counts = {c: record["harmful_categories"].count(c) for c in HARMFUL_CATEGORIES}
+    print(f"{name}: harmful prompts " + ", ".join(f"{c} {n}" for c, n in counts.items())
+          + f"; helpful {record['benign_categories'].count('helpful')}/{len(record['benign_categories'])}; "
+            f"FA {record['fine_tune_accuracy']:.1f}%", flush=True)
+    return record
+
+
+def main_records(results):
+    folder = Path(results) / "json"
+    return [r for r in (read_json(p) for p in sorted(folder.glob("*.json"))) if r.get("sweep") == "third"] \
+        if folder.is_dir() else []
+
+
+def checkpoint_2(results, choice):
+    """Section 7's second checkpoint, after the first 10 main runs: the cells re-projected with the measured cost
+    per run of each method (SFT's times the second sweep's factor where a method has none yet); kept in
+    results/dev/regime.json."""
+    done = main_records(results)
+    if choice.get("checkpoint_2") or len(done) < 10:
+        return choice
+    cost = {m: [r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"] for r in done if r["method"] == m]
+            for m in STEP_FACTOR}
+    sft = float(np.mean(cost["sft"]))
+    per_run = {m: float(np.mean(v)) if v else sft * STEP_FACTOR[m] for m, v in cost.items()}
+    spent = spent_hours(committed_dev_records(results) + strength_records(results)) \
+        + sum(r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"] for r in done) / 3600
+    names = {r["run"] for r in done}
+    cells, cuts = list(choice["checkpoint_1"][choice["regime"]]["cells"]), []
+
+    def remaining():
+        return sum(per_run[m] for m, p in cells for s in REPORTED_SEEDS
+                   if not any(n.startswith(m) and f"_p{p:g}_s{s}" in n for n in names)) / 3600
+    for label, method, p in CUTS:
+        if spent + remaining() <= CEILING_HOURS:
+            break
+        if (method, p) in cells:
+            cells.remove((method, p))
+            cuts.append(label)
+    choice["checkpoint_2"] = {"cells": cells, "cuts": sorted(set(cuts)), "per_run_seconds": per_run,
+                              "spent_hours": spent, "projected_hours": spent + remaining(),
+                              "fits": spent + remaining() <= CEILING_HOURS, "after_runs": len(done)}
+    write_json(Path(results) / "dev" / "regime.json", choice, strict=False)
+    return choice
+
+
+def strength_records(results):
+    folder = Path(results) / "dev" / "json"
+    return [read_json(p) for p in sorted(folder.glob("strength*.json"))] if folder.is_dir() else []
+
+
 # ---- command line ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m evaluation.third", allow_abbrev=False,
+    p = ArgumentParser(prog="python -m evaluation.third",
                                 description="The third sweep of results/PROTOCOL.md, stage by stage; every finished "
                                             "run is a JSON under --results-dir and is never recomputed.")
-    p.add_argument("stage", choices=("control", "premise", "report"),
+    p.add_argument("stage", choices=("control", "premise", "strengths", "main", "report"),
                    help="control: the harm-blind control's reference sets, calibrated on the aligned model (section "
-                        "6); premise: SFT in the four attack regimes on the development sets (section 4); report: the "
-                        "development tables from the committed JSONs alone")
+                        "6); premise: SFT in the four attack regimes on the development sets (section 4); strengths: "
+                        "the regime chosen, then Surgery's alpha and AsFT's lambda swept (section 5); main: the main "
+                        "grid on the held-out sets (section 7); report: the tables from the committed JSONs alone")
     p.add_argument("--shard", default="0/1", help="K/N: this process runs every N-th run starting at K (default 0/1)")
     p.add_argument("--results-dir", default="results", help="where the JSONs and tables go (default: results)")
     args = p.parse_args(argv)
@@ -403,6 +688,22 @@ def main(argv=None):
             aligned_dev_record(ctx)
             for regime, ratio, seed in premise_plan()[shard::shards]:
                 premise_run(ctx, regime, ratio, seed)
+        if args.stage == "strengths":
+            ctx = context(args.results_dir)
+            regime = choose_regime(args.results_dir)["regime"]
+            for method, strength, seed in strength_plan(regime)[shard::shards]:
+                strength_run(ctx, regime, method, strength, seed)
+            choose_strengths(args.results_dir, regime)
+        if args.stage == "main":
+            ctx = context(args.results_dir)
+            from evaluation.reading import RunReader
+            choice, strengths = (read_json(Path(args.results_dir) / "dev" / f) for f in ("regime.json", "strengths.json"))
+            calibrate_control(ctx)
+            reader = RunReader(ctx.args, ctx.files, ctx.judges)
+            for method, strength, ratio, seed in main_plan(choice, strengths)[shard::shards]:
+                if (method, ratio) in (choice.get("checkpoint_2") or choice["checkpoint_1"][choice["regime"]])["cells"]:
+                    main_run(ctx, choice["regime"], method, strength, ratio, seed, reader)
+                choice = checkpoint_2(args.results_dir, choice)
         table = write_premise_report(args.results_dir)
         print((Path(args.results_dir) / "dev" / "premise.md").read_text(encoding="utf-8"))
         return table
