@@ -77,7 +77,7 @@ def merge_adapter(model, folder):
                 or (b.shape[0], a.shape[1]) != tuple(target.weight.shape) or a.shape[0] != b.shape[1]:
             raise UserError(f"--adapter {folder}: {name} does not fit this model (no linear layer of that name and "
                             f"shape): an adapter of another model, or the adapters in the wrong order")
-        target.weight += (scale * (b.float() @ a.float())).to(target.weight.dtype)
+        target.weight += (scale * b.float() @ a.float()).to(target.weight.dtype)  # as surgery.py merges: bit for bit
 
 
 def parse_args(argv=None):

@@ -409,3 +409,30 @@ def check_trained(state, divergence, done, checkpoint):
     if bad or not torch.isfinite(divergence).all():
         raise NonFiniteError(f"after step {done}, {f'weight {bad[0]} holds' if bad else 'the sink divergence is'} "
                              f"NaN or infinity; {checkpoint_note(checkpoint)}")
+
+
+# Sink values fall as sequences grow longer (a late query spreads its attention over more keys), so reference sets
+# that differ in length make d_h measure length. Beyond this ratio of medians or upper quartiles we warn.
+LENGTH_RATIO_WARNING = 1.25
+
+
+def reference_lengths(harmful, harmless):
+    """Token-length median and upper quartile of each reference set, their ratios, and whether they match."""
+    summary = {}
+    for name, sequences in (("harmful", harmful), ("harmless", harmless)):
+        lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.float64)
+        summary[name] = {"median": lengths.quantile(0.5).item(), "upper_quartile": lengths.quantile(0.75).item()}
+    summary["ratio"] = {k: max(summary["harmful"][k], summary["harmless"][k]) /
+                        max(1.0, min(summary["harmful"][k], summary["harmless"][k])) for k in summary["harmful"]}
+    summary["matched"] = all(r <= LENGTH_RATIO_WARNING for r in summary["ratio"].values())
+    return summary
+
+
+def length_warning(lengths):
+    """None when the reference sets match in length (reference_lengths), else the warning: d_h would then measure
+    length more than harm."""
+    if lengths["matched"]:
+        return None
+    return (f"the reference sets differ in length by up to {max(lengths['ratio'].values()):.2f}x (over "
+            f"{LENGTH_RATIO_WARNING}); sink values fall with length, so d_h will measure length more than harm: match "
+            f"the sets in length")

@@ -21,15 +21,14 @@ The file follows the method in order (docs/METHOD.md section 1 states it):
   6. Outputs            merged model (probes in its metadata), peft-format adapter, sink report
   7. Putting it together, and the command line
 
-What is not the method lives beside it: checks.py (every input check), checkpoints.py (resuming a run), scale.py
-(bf16, activation checkpointing, DDP and FSDP2), common.py (error types, file reading and atomic writing).
+What is not the method lives beside it: checks.py (every input check), checkpoints.py (resuming a run), outputs.py
+(the output files, each written whole), scale.py (bf16, activation checkpointing, DDP and FSDP2), common.py (error
+types, file reading and atomic writing).
 """
 import argparse
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,9 +39,9 @@ import torch.nn.functional as F
 
 import checkpoints  # resuming a run (checkpoint, train log)
 import checks  # input checks: every user mistake found before anything is written
+import outputs  # the output files, each written whole or not at all
 import scale  # bf16, activation checkpointing, DDP / FSDP2: one place, called in one line where the loop must
-from common import (ArgumentParser, NonFiniteError, UserError, make_folder_public, read_json_rows,
-                    write_atomically, write_json)
+from common import ArgumentParser, NonFiniteError, UserError, read_json_rows, write_json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,23 +314,6 @@ def sink_penalty(divergence):
     return torch.relu(divergence).mean()
 
 
-# Sink values fall as sequences grow longer (a late query spreads its attention over more keys), so reference sets
-# that differ in length make d_h measure length. Beyond this ratio of medians or upper quartiles we warn.
-LENGTH_RATIO_WARNING = 1.25
-
-
-def reference_lengths(harmful, harmless):
-    """Token-length median and upper quartile of each reference set, their ratios, and whether they match."""
-    summary = {}
-    for name, sequences in (("harmful", harmful), ("harmless", harmless)):
-        lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.float64)
-        summary[name] = {"median": lengths.quantile(0.5).item(), "upper_quartile": lengths.quantile(0.75).item()}
-    summary["ratio"] = {k: max(summary["harmful"][k], summary["harmless"][k]) /
-                        max(1.0, min(summary["harmful"][k], summary["harmless"][k])) for k in summary["harmful"]}
-    summary["matched"] = all(r <= LENGTH_RATIO_WARNING for r in summary["ratio"].values())
-    return summary
-
-
 @contextlib.contextmanager
 def without_dropout(model):
     """The reference passes measure the model itself, not a dropout-thinned version of it: dropout layers (LoRA's)
@@ -573,60 +555,13 @@ def adapter_state(model):
     return state
 
 
-# Where the merged model's safetensors metadata carries the probes of its sink report (read by sinkcheck).
-PROBES_METADATA_KEY = "sinkcheck.probes"
-
-
-def save_merged_model(out, model, tokenizer, probes, state):
-    """model.safetensors (+ config, tokenizer) that from_pretrained loads; the probes ride in the metadata.
-    The config and tokenizer files are written in a staging folder and moved in first, the weights last: a
-    folder with model.safetensors holds the whole model, whenever the writing stopped."""
-    from safetensors.torch import save_file
-    (out / "model.safetensors").unlink(missing_ok=True)  # a resumed run's earlier attempt: not complete until the end
-    staging = out / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    model.config.save_pretrained(staging)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    for file in staging.iterdir():
-        os.replace(file, out / file.name)
-    staging.rmdir()
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
-    metadata = {"format": "pt", PROBES_METADATA_KEY: json.dumps(probes)}
-    write_atomically(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def save_adapter(out, state, args):
-    """OUT/adapter/: its own folder, because from_pretrained(OUT) with peft installed would otherwise apply an
-    adapter_config.json found beside the merged weights a second time."""
-    from safetensors.torch import save_file
-    final, out = out / "adapter", out / ".adapter.tmp"  # written whole, then renamed into place
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(args.model),
-              "r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-              "target_modules": sorted(args.lora_targets), "bias": "none", "fan_in_fan_out": False,
-              "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
-    write_atomically(out / "adapter_model.safetensors",
-                     lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    write_json(out / "adapter_config.json", config)
-    make_folder_public(out)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(out, final)
-
-
 def print_start(args, lengths, n_examples, n_dropped, refs, defense, trainable, world, device):
     """The run's inputs in two lines, and a warning when the reference sets differ in length (section 4)."""
     h, r = lengths["harmful"], lengths["harmless"]
     print(f"reference lengths in tokens (median / upper quartile): harmful {h['median']:g} / "
           f"{h['upper_quartile']:g}, harmless {r['median']:g} / {r['upper_quartile']:g}", flush=True)
-    if not lengths["matched"]:
-        print(f"surgery.py: warning: the reference sets differ in length by up to "
-              f"{max(lengths['ratio'].values()):.2f}x (over {LENGTH_RATIO_WARNING}); sink values fall with "
-              f"length, so d_h will measure length more than harm: match the sets in length", file=sys.stderr,
-              flush=True)
+    if checks.length_warning(lengths):
+        print(f"surgery.py: warning: {checks.length_warning(lengths)}", file=sys.stderr, flush=True)
     print(f"surgery: {n_examples} examples ({n_dropped} without answer tokens dropped), "
           f"{len(refs[0])} harmful / {len(refs[1])} harmless references, {args.total_steps} steps, "
           f"alpha {args.alpha}{f', defense {type(defense).__name__}' if defense else ''}, "
@@ -670,7 +605,7 @@ def train(args, defense=None):
     refs = tuple([encode(tokenizer, r, args.max_len)[0] for r in recs]
                  for recs in (harmful_records, harmless_records))
     checks.check_sequences(model, args, examples, refs)
-    lengths = reference_lengths(*refs)
+    lengths = checks.reference_lengths(*refs)
     probes = {"sink_position": args.sink_pos,
               "harmful": refs[0][:args.probe_count], "harmless": refs[1][:args.probe_count]}
     args.total_steps = args.max_steps or math.ceil(args.epochs * math.ceil(len(examples) / args.batch_size))
@@ -744,9 +679,9 @@ def train(args, defense=None):
               "positive_before": int((divergence_before > 0).sum()), "positive_after": int((divergence_after > 0).sum()),
               "reference_lengths": lengths}
     # Each output appears whole or not at all, and sink_report.json last: its presence means the run finished.
-    save_merged_model(out, model, tokenizer, probes, state)
+    outputs.save_merged_model(out, model, tokenizer, probes, state)
     if not args.full:
-        save_adapter(out, adapter, args)
+        outputs.save_adapter(out, adapter, args)
     write_json(out / "sink_report.json", report)
     checkpoint.unlink(missing_ok=True)
     print_report(report, n_layers * n_heads)

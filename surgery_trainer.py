@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+import checks
 import surgery
 from common import UserError
 
@@ -140,13 +141,10 @@ class SurgeryMixin:
         self._check_parallelism()
         self.reference_ids = self._tokenize_references(records)
         self._check_model()
-        lengths = surgery.reference_lengths(*self.reference_ids)
+        lengths = checks.reference_lengths(*self.reference_ids)
         self.reference_length_summary = lengths
-        if not lengths["matched"]:
-            warnings.warn(f"SurgeryTrainer: the reference sets differ in length by up to "
-                          f"{max(lengths['ratio'].values()):.2f}x (over {surgery.LENGTH_RATIO_WARNING}); sink values "
-                          f"fall with length, so d_h will measure length more than harm: match the sets in length",
-                          stacklevel=2)
+        if checks.length_warning(lengths):
+            warnings.warn(f"SurgeryTrainer: {checks.length_warning(lengths)}", stacklevel=2)
 
     # --- construction ---------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import checks
+import outputs
 import surgery
 from defenses import load_triples, safetylock
 from defenses.asft import AsFT, UnanchoredAsFT
@@ -185,4 +186,4 @@ def read_probes(path):
     """The probes surgery.py stores in its output's safetensors metadata (sinkcheck.probes)."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()[surgery.PROBES_METADATA_KEY])
+        return json.loads(f.metadata()[outputs.PROBES_METADATA_KEY])

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import offline  # noqa: E402
+import checks  # noqa: E402
 import surgery  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main():
     d = {name: surgery.probe_divergence(model, a, b, 0, tokenizer.pad_token_id).flatten()
          for name, (a, b) in pairs.items()}
     for name, (a, b) in pairs.items():
-        lengths = surgery.reference_lengths(a, b)
+        lengths = checks.reference_lengths(a, b)
         print(f"{name:<14} median tokens {lengths['harmful']['median']:6.1f} vs {lengths['harmless']['median']:6.1f}"
               f"   positive heads {int((d[name] > 0).sum()):3d} of {d[name].numel()}"
               f"   mean relu(d_h) {torch.relu(d[name]).mean().item():.6f}")

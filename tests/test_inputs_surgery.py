@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+import outputs
 import surgery
 from conftest import ROOT, write_jsonl
 from input_helpers import (AS_ROOT, ENV, assert_rejected, bad_models, bad_record_files, fill, run_cli, run_forked,
@@ -329,7 +330,7 @@ def check_outputs(out, complete_report):
         assert torch.isfinite(next(model.parameters())).all()
         assert AutoTokenizer.from_pretrained(out).chat_template
         with safe_open(out / "model.safetensors", "pt") as f:
-            assert json.loads(f.metadata()[surgery.PROBES_METADATA_KEY])["harmful"]
+            assert json.loads(f.metadata()[outputs.PROBES_METADATA_KEY])["harmful"]
         seen["model"] = True
     if (out / "adapter").exists():  # renamed into place whole
         assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json",

@@ -155,13 +155,14 @@ def test_matched_pairs_share_the_instruction_and_the_answer_length(records, kind
 
 
 def test_default_references_pass_surgerys_length_check(records, model_dir):
+    import checks
     import surgery
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for kind in ("ref", "probe"):
         sets = [[surgery.encode(tokenizer, r, 256)[0] for r in records[f"{side}_{kind}"]]
                 for side in ("harmful", "harmless")]
-        lengths = surgery.reference_lengths(*sets)
+        lengths = checks.reference_lengths(*sets)
         assert lengths["matched"] and max(lengths["ratio"].values()) <= 1.1, lengths
 
 

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import scale
+import checks
 import surgery
 from common import UserError
 from conftest import ROOT, ctrl_c_at_step, run_args, write_jsonl
@@ -408,7 +409,7 @@ def test_defense_hooks_run_every_step_and_their_loss_trains(tmp_path, tiny_run_i
 # --- reference lengths ----------------------------------------------------------------------------------------------
 
 def test_reference_lengths_report_median_and_upper_quartile():
-    lengths = surgery.reference_lengths([[0] * n for n in (10, 20, 30, 40, 50)], [[0] * n for n in (10, 20, 30)])
+    lengths = checks.reference_lengths([[0] * n for n in (10, 20, 30, 40, 50)], [[0] * n for n in (10, 20, 30)])
     assert lengths["harmful"] == {"median": 30.0, "upper_quartile": 40.0}
     assert lengths["harmless"] == {"median": 20.0, "upper_quartile": 25.0}
     assert lengths["ratio"] == {"median": 1.5, "upper_quartile": 1.6}

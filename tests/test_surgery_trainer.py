@@ -12,6 +12,7 @@ import torch
 import transformers
 from transformers import Trainer, TrainingArguments
 
+import checks
 import surgery
 import surgery_trainer
 from surgery_trainer import SurgeryConfigError, SurgeryMixin, SurgeryTrainer
@@ -102,7 +103,7 @@ def test_penalty_moves_the_weights_and_is_logged_with_the_reference_lengths(tmp_
     assert len(train_logs) == 3 and all(entry["sink_penalty"] > 0 for entry in train_logs)
     assert all(0 < entry["positive_heads"] <= run.surgery_heads == 8 for entry in train_logs)
     assert train_logs[0]["sink_penalty"] > train_logs[-1]["sink_penalty"]  # the penalty is pushed down
-    lengths = surgery.reference_lengths(*run.reference_ids)
+    lengths = checks.reference_lengths(*run.reference_ids)
     assert train_logs[0]["ref_harmful_median_tokens"] == lengths["harmful"]["median"]
     assert train_logs[0]["ref_harmless_median_tokens"] == lengths["harmless"]["median"]
     assert sum("ref_harmful_median_tokens" in entry for entry in run.state.log_history) == 1  # once
