@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import offline
 from common import ArgumentParser, UserError, read_json, write_json, write_jsonl, write_text
@@ -123,10 +124,51 @@ def context(results="results"):
     return Context(args=args, files=files, judges=build_judges(args, files), results=Path(results))
 
 
+ALIGNED_ADAPTER = Path("models") / "aligned" / "adapter"  # under results/: the starting point of every run
+
+
 def aligned_model(ctx):
-    """The aligned model (the align stage of the second sweep, cached; retrained from its data when absent)."""
-    from evaluation.pipeline import align_stage
-    return align_stage(ctx.args, ctx.files, ALIGN_STEPS, ALIGN_LR)
+    """The aligned model every run starts from: the committed fp32 adapter (results/models/aligned/adapter) merged
+    into the default model, which gives the align stage's weights bit for bit (answer.merge_adapter merges as
+    surgery.py does). Where it is not committed yet, the align stage of the second sweep trains it (cached) and its
+    adapter is committed first. Every machine thus starts from the same weights, in a folder of the same name."""
+    import answer
+    import surgery
+    released = ctx.results / ALIGNED_ADAPTER
+    if not (released / "adapter_model.safetensors").exists():
+        from evaluation.pipeline import align_stage
+        trained = Path(align_stage(ctx.args, ctx.files, ALIGN_STEPS, ALIGN_LR)["model"])
+        release_adapter(trained / "adapter", released, "the default model (SmolLM2-135M-Instruct, fp32, as "
+                        "`python -m offline` converts it)", fp32=True)
+    config = {"stage": "aligned-from-adapter", "base": str(ctx.files["model"]),
+              "adapter": file_digest(released / "adapter_model.safetensors"),
+              "probes": [file_digest(ctx.files[k]) for k in ("harmful_ref", "harmless_ref")]}
+
+    def compute(folder):
+        model, tokenizer = surgery.load_model(str(ctx.files["model"]), "cpu")
+        answer.merge_adapter(model, released)
+        model.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+        ids = [[surgery.encode(tokenizer, r, ctx.args.max_len)[0] for r in offline.read_jsonl(ctx.files[k])]
+               for k in ("harmful_ref", "harmless_ref")]
+        d = surgery.probe_divergence(model, *ids, train_sink_pos(ctx.args), tokenizer.pad_token_id)
+        return {"model": str(folder / "model"), "sink_report": {"divergence_after": np.asarray(d).tolist()}}
+    return cached_stage(ctx.args.work_dir, "aligned-from-adapter", config, compute)
+
+
+def release_adapter(source, target, base, fp32=False):
+    """A run's peft adapter copied to results/models/<run>/adapter/: bf16 (about 2 MB) unless fp32, its config
+    naming the model it applies to."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(Path(source) / "adapter_model.safetensors"))
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    config = read_json(Path(source) / "adapter_config.json")
+    config["base_model_name_or_path"] = base
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(target / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    write_json(target / "adapter_config.json", config)
 
 
 def dev_answers(ctx, name, model_path):
@@ -328,12 +370,13 @@ def drawn_reviews(data_seed):
 def penalty_on(model, tokenizer, harmful, harmless, ctx):
     """The sink penalty mean relu(d_h) and the positive-head count of one pair of reference sets on a model, with
     the token lengths of both sets."""
+    import checks
     import surgery
     ids = [[surgery.encode(tokenizer, r, ctx.args.max_len)[0] for r in rows] for rows in (harmful, harmless)]
     d = surgery.probe_divergence(model, *ids, train_sink_pos(ctx.args), tokenizer.pad_token_id)
     d = np.asarray(d, dtype=float)
     return {"penalty": float(np.maximum(d, 0).mean()), "positive_heads": int((d > 0).sum()),
-            "lengths": surgery.reference_lengths(*ids)}
+            "lengths": checks.reference_lengths(*ids)}
 
 
 def calibrate_control(ctx):
