@@ -748,6 +748,12 @@ def main(argv=None):
                     main_run(ctx, choice["regime"], method, strength, ratio, seed, reader)
                 choice = checkpoint_2(args.results_dir, choice)
         table = write_premise_report(args.results_dir)
+        main_runs = main_records(args.results_dir)
+        if main_runs:  # the main grid's tables and verdict, from its committed JSONs alone
+            from evaluation.verdict import markdown
+            write_text(Path(args.results_dir) / "results.md",
+                       "# The third sweep: main grid (results/PROTOCOL.md sections 7-9)\n\nBuilt by `python -m "
+                       "evaluation.third report` from `results/json/`.\n\n" + markdown(main_runs))
         print((Path(args.results_dir) / "dev" / "premise.md").read_text(encoding="utf-8"))
         return table
     except UserError as e:

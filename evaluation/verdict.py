@@ -117,3 +117,43 @@ def verdict(records, ratios=(0.0, 0.1, 0.2), main_p=0.2):
     return {"outcome": outcome, "A": a, "B1": b1, "B2": bool(b2), "control": control,
             "surgery_minus_control_hs": vs_control, "differences": {f"{m} {p:g} {x}": v for (m, p, x), v in d.items()
                                                                      if v is not None}}
+
+
+LABELS = {"hs": "HS", "refusal": "refusal kept", "harmless": "harmless", "broken_harmful": "broken (harmful)",
+          "helpful": "helpful", "over_refusal": "over-refusal", "broken_benign": "broken (benign)", "fa": "FA",
+          "positive_heads": "positive heads", "mean_relu_d": "mean relu(d_h)"}
+METHOD_NAMES = {"sft": "SFT", "surgery": "Surgery", "control": "control", "asft": "AsFT"}
+
+
+def fmt(stat, digits=1):
+    mean, low, high = stat
+    return f"{mean:.{digits}f}" if math.isnan(low) else f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def markdown(records, strengths=None):
+    """The main grid's tables: cell means over seeds with t-intervals, the paired differences of section 9 with
+    their per-seed values, and the verdict with the clauses that decided it (automatic categories)."""
+    cells = by_cell(records)
+    keys = sorted({(m, p) for m, p, _ in cells}, key=lambda k: (list(METHOD_NAMES).index(k[0]), k[1]))
+    lines = ["| method | p | seeds | " + " | ".join(LABELS[x] for x in METRICS[:8]) + " |",
+             "|---|---|---|" + "---|" * 8]
+    for m, p in keys:
+        seeds = sorted(s for mm, pp, s in cells if (mm, pp) == (m, p))
+        stats = [t_interval([cells[(m, p, s)][x] for s in seeds]) for x in METRICS[:8]]
+        lines.append(f"| {METHOD_NAMES[m]} | {p:g} | {len(seeds)} | " + " | ".join(fmt(s) for s in stats) + " |")
+    out = verdict(records)
+    lines += ["", "Paired differences (per seed: the same data, order and initialisation; 95% t-interval, n - 1 df):",
+              "", "| difference | p | metric | mean [95% CI] | per seed |", "|---|---|---|---|---|"]
+    for (a, b) in (("surgery", "sft"), ("control", "sft"), ("surgery", "control")):
+        for p in sorted({p for _, p in keys}, reverse=True):
+            for x in METRICS[:8]:
+                d = paired(cells, a, b, p, x)
+                if d is not None:
+                    lines.append(f"| {METHOD_NAMES[a]} - {METHOD_NAMES[b]} | {p:g} | {LABELS[x]} | "
+                                 f"{fmt((d['mean'], d['low'], d['high']))} | "
+                                 + ", ".join(f"{v:+.1f}" for v in d["per_seed"].values()) + " |")
+    failed = [k for k, v in out["A"].items() if not v]
+    lines += ["", f"**Verdict (PROTOCOL.md section 9, automatic categories): {out['outcome']}.** "
+                  f"A clauses failed: {', '.join(failed) or 'none'}; B1: {'; '.join(out['B1']) or 'none'}; "
+                  f"B2: {'holds' if out['B2'] else 'does not hold'}. The control: {out['control']}."]
+    return "\n".join(lines) + "\n"

@@ -95,3 +95,11 @@ def test_inconclusive_when_neither_rule_holds():
                 "broken": 30}
     out = verdict.verdict(grid(noisy, like_sft))
     assert out["outcome"] == "inconclusive" and not out["A"]["A1"]
+
+
+def test_markdown_states_the_verdict_and_every_seed():
+    text = verdict.markdown(grid(keeps, like_sft))
+    assert "**Verdict (PROTOCOL.md section 9, automatic categories): Surgery keeps the alignment.**" in text
+    assert "| Surgery - SFT | 0.2 | HS | " in text and "| SFT | 0.2 | 5 | " in text
+    row = next(line for line in text.splitlines() if line.startswith("| Surgery - SFT | 0.2 | HS |"))
+    assert row.split("|")[-2].count(",") == 4  # five per-seed values
