@@ -1,0 +1,79 @@
+"""evaluation/choices.py: the premise fit against a least-squares oracle, the premise rule, the quality-matched
+strength rule and the budget's cuts."""
+import numpy as np
+import pytest
+
+from evaluation import choices
+
+
+def rows_of(values):
+    return [{"seed": s, "poison_ratio": p, "M": v} for (s, p), v in values.items()]
+
+
+def test_slope_fit_matches_least_squares_with_seed_intercepts():
+    rng = np.random.default_rng(0)
+    values = {(s, p): 1e-3 * s + 0.02 * p + 1e-4 * rng.standard_normal() for s in (42, 43) for p in choices.RATIOS}
+    fit = choices.slope_fit(rows_of(values), "M")
+    keys = list(values)
+    x = np.array([[s == 42, s == 43, p] for s, p in keys], dtype=float)
+    y = np.array([values[k] for k in keys])
+    coef, rss, *_ = np.linalg.lstsq(x, y, rcond=None)
+    assert fit["slope_per_0.1"] == pytest.approx(0.1 * coef[2], rel=1e-9)
+    covariance = rss[0] / 3 * np.linalg.inv(x.T @ x)
+    half = 3.182 * np.sqrt(covariance[2, 2])
+    assert (fit["low"], fit["high"]) == pytest.approx((0.1 * (coef[2] - half), 0.1 * (coef[2] + half)), rel=1e-9)
+    assert fit["df"] == 3
+    for s in (42, 43):
+        own = np.polyfit(choices.RATIOS, [values[(s, p)] for p in choices.RATIOS], 1)[0]
+        assert fit["seed_slopes_per_0.1"][str(s)] == pytest.approx(0.1 * own, rel=1e-9)
+
+
+def premise_rows(regime, m_of):
+    return [{"regime": regime, "seed": s, "poison_ratio": p, "M": m_of(s, p), "N": int(100 * m_of(s, p)),
+             "train_seconds": 1.0, "dev_harmful": {"harmful": 100 * p}} for s in (42, 43) for p in choices.RATIOS]
+
+
+def test_premise_holds_only_when_the_interval_and_both_seeds_rise():
+    aligned = {"dev_harmful": {"harmful": 0.0}, "M": 0.0, "N": 0, "heads": 270}
+    rising = premise_rows("a", lambda s, p: 0.1 + p + 0.001 * (s == 43) * (p == 0.1))
+    flat = premise_rows("b", lambda s, p: 0.1 + 0.001 * ((s + int(10 * p)) % 2))
+    one_seed = premise_rows("c", lambda s, p: 0.1 + (p if s == 42 else -0.1 * p))
+    table = choices.premise_table(rising + flat + one_seed + premise_rows("d", lambda s, p: 1.0)[:5], aligned)
+    assert table["a"]["premise_holds"] and table["a"]["dev_hs_rise"] == pytest.approx(20.0)
+    assert not table["a"]["hs_rise_met"]  # 20 points < PREMISE_HS_RISE
+    assert not table["b"]["premise_holds"] and not table["c"]["premise_holds"]
+    assert not table["d"]["complete"] and "premise_holds" not in table["d"]
+    text = choices.premise_markdown(table, aligned)
+    assert "| holds |" in text and "not yet measured" in text
+
+
+def means(helpful, broken_harmful, broken_benign, hs=50.0):
+    return {"hs": hs, "refusal": 0.0, "helpful": helpful, "broken_harmful": broken_harmful,
+            "broken_benign": broken_benign}
+
+
+def test_strength_rule_takes_the_largest_quality_matched_strength():
+    sft = means(80, 10, 5)
+    points = {10.0: means(79, 11, 5), 30.0: means(76, 14, 9), 100.0: means(74, 12, 6), 300.0: means(90, 16, 0),
+              1000.0: means(20, 80, 60)}
+    # 30: helpful 76 >= 75, broken 14 <= 15 and 9 <= 10; 100: helpful 74 < 75; 300: broken 16 > 15
+    assert choices.choose_strength(points, sft) == (30.0, True)
+    assert choices.choose_strength({10.0: means(0, 90, 90), 30.0: means(0, 90, 90)}, sft) == (10.0, False)
+    # one-sided: more helpful and less broken than SFT is no cost
+    assert choices.choose_strength({10.0: means(79, 11, 5), 300.0: means(100, 0, 0)}, sft) == (300.0, True)
+
+
+def test_budget_cuts_in_the_protocols_order_and_never_the_core():
+    rows = [{"train_seconds": 138.0}]
+    full = choices.budget_cells("a", rows, 170.0, spent=0.0)
+    assert full["cuts"] == [] and len(full["cells"]) == 11 and full["fits"]  # 55 runs
+    cells = choices.main_cells("a")
+    per_cell = choices.projected_hours("a", rows, 170.0, cells) - choices.projected_hours("a", rows, 170.0, cells[:-1])
+    assert cells[-1] == ("asft", 0.1) and per_cell == pytest.approx(5 * (138 * 6.37 / 5.52 + 523.5) / 3600)
+    # spend so that exactly the first cut (AsFT at p = 0.1) is needed
+    spent = choices.CEILING_HOURS - full["projected_hours"] + 0.5 * per_cell
+    one = choices.budget_cells("a", rows, 170.0, spent)
+    assert one["cuts"] == ["C1"] and ("asft", 0.1) not in one["cells"] and one["fits"]
+    none = choices.budget_cells("a", rows, 170.0, spent=choices.CEILING_HOURS)
+    assert not none["fits"] and set(none["cells"]) == set(choices.CORE)
+    assert ("asft", 0.2) not in choices.main_cells("d") and ("asft", 0.2) in choices.main_cells("a")
