@@ -45,3 +45,31 @@ def test_main_plan_runs_the_core_seed_by_seed_then_the_rest():
     assert ("control", 100.0, 0.2, 44) in plan and ("asft", 1.0, 0.1, 48) == plan[-1]  # the first cut runs last
     assert third.run_name("control", 100.0, 0.2, 44) == "control_a100_p0.2_s44"
     assert third.run_name("asft", 0.3, 0.1, 45) == "asft_l0.3_p0.1_s45" and third.run_name("sft", 0, 0, 46) == "sft_p0_s46"
+
+
+def test_aligned_model_is_rebuilt_bit_for_bit_from_its_released_adapter(tiny_run_inputs, tmp_path):
+    import argparse
+
+    import torch
+    from safetensors.torch import load_file
+
+    import surgery
+    from conftest import run_args
+    run = tmp_path / "run"
+    surgery.main(run_args(tiny_run_inputs, run, "--max-steps", "2", "--alpha", "0", "--lr", "5e-2",
+                          "--probe-count", "6"))
+    results = tmp_path / "results"
+    third.release_adapter(run / "adapter", results / third.ALIGNED_ADAPTER, "the tiny model", fp32=True)
+    args = argparse.Namespace(work_dir=str(tmp_path / "work"), max_len=160, train_args="")
+    files = {k: tiny_run_inputs[k] for k in ("harmful_ref", "harmless_ref")} | {"model": tiny_run_inputs["model"]}
+    ctx = third.Context(args=args, files=files, judges=[], results=results)
+    rebuilt = third.aligned_model(ctx)
+    weights, merged = load_file(f"{rebuilt['model']}/model.safetensors"), load_file(str(run / "model.safetensors"))
+    assert set(weights) <= set(merged) and all(torch.equal(weights[k], merged[k]) for k in weights)
+    report = json.loads((run / "sink_report.json").read_text())
+    assert rebuilt["sink_report"]["divergence_after"] == report["divergence_after"]
+    assert third.aligned_model(ctx) == rebuilt  # cached: the same folder on the next call
+    bf16 = tmp_path / "bf16"
+    third.release_adapter(run / "adapter", bf16, "the tiny model")
+    assert {t.dtype for t in load_file(str(bf16 / "adapter_model.safetensors")).values()} == {torch.bfloat16}
+    assert json.loads((bf16 / "adapter_config.json").read_text())["base_model_name_or_path"] == "the tiny model"
