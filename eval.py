@@ -26,9 +26,10 @@ in order (evaluation/pipeline.py runs it):
                requests; positive sink-divergence heads on held-out probes (at the training stages' sink position)
                and on the training references (generation.py; judges.py); whether each answer is on topic or a
                loop (reading.py)
-  4. Report    results/json/<run>.json (with every per-prompt verdict), results/results.md (mean over seeds with
-               95% bootstrap intervals over seeds and prompts; the paper's positive-heads trend tested), plots
-               (stats.py; report.py)
+  4. Report    RESULTS_DIR/json/<run>.json (with every per-prompt verdict), RESULTS_DIR/results.md (mean over
+               seeds with 95% bootstrap intervals over seeds and prompts; the paper's positive-heads trend tested),
+               plots (stats.py; report.py). RESULTS_DIR: results/second-attempt (this protocol is the second
+               sweep's; the third sweep's is evaluation/third.py), results/quick with --quick
 
 Every stage lives in WORK_DIR/<stage>-<hash of its config>/ and is finished when its stage.json exists; a
 finished stage is never recomputed, and an interrupted training stage continues from its checkpoint. A run whose
@@ -39,6 +40,7 @@ import argparse
 import contextlib
 import io
 import math
+import os
 import shlex
 import sys
 
@@ -60,7 +62,7 @@ PRESETS = {
                     max_len=128,
                     probe_count=64, n_harmful=300, n_dev=100, n_task=500, n_benign=160, n_benign_dev=60, max_new_tokens=128,
                     benign_tokens=64, answer_tokens=128, task_tokens=6, gen_batch=50, n_align_benign=None,
-                    results_dir="results"),
+                    results_dir="results/second-attempt"),
     "quick": dict(poison_ratios=[0.0, 0.2], seeds=[43], defense_ratios=[0.2], alpha=300.0, alpha_sweep=[],
                   sweep_ratio=0.2, safetylock_alpha_sweep=[], asft_ablation=False, attack_candidates=["4:1e-3"],
                   align_candidates=["8:1e-3"], max_len=96, probe_count=8, n_harmful=16, n_dev=8, n_task=32, n_benign=16,
@@ -68,6 +70,12 @@ PRESETS = {
                   max_new_tokens=32, benign_tokens=24, answer_tokens=32, task_tokens=6, gen_batch=16,
                   n_align_benign=32, results_dir="results/quick"),
 }
+
+
+# The third sweep's folders (evaluation/third.py, results/PROTOCOL.md): its run JSONs live in their json/, and this
+# pipeline deletes every run JSON in RESULTS_DIR/json/ that is not of its own configuration.
+THIRD_SWEEP_FOLDERS = tuple(os.path.join(os.path.dirname(os.path.realpath(__file__)), "results", *sub)
+                            for sub in ((), ("dev",)))
 
 
 def parse_shard(text):
@@ -107,7 +115,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("preset and folders")
     g.add_argument("--quick", action="store_true", help="small sweep for smoke runs (minutes on 2 CPU cores)")
     g.add_argument("--work-dir", default="runs/eval", help="cache of every stage (models, generations, verdicts)")
-    g.add_argument("--results-dir", help="JSONs, table and plots")
+    g.add_argument("--results-dir", help="JSONs, table and plots; a run JSON in its json/ of another configuration "
+                                         "is deleted, so never results/ (the third sweep's)")
     g.add_argument("--cache-dir", help="offline model/data cache (default: $SURGERY_CACHE, else ~/.cache/surgery)")
     g = p.add_argument_group("model and data (default: the offline files of offline.py)")
     g.add_argument("--model", help="local folder or hub id of the instruction-tuned model to align and attack")
@@ -269,6 +278,9 @@ def validate(args):
         raise UserError("--data must contain {p}, the poison ratio, e.g. train_p{p}.jsonl")
     for flag in INPUT_FLAGS + ("work_dir", "results_dir", "cache_dir"):
         check_given(flag, getattr(args, flag), " (or leave the flag out for the default)")  # not silently the default
+    if os.path.realpath(args.results_dir) in THIRD_SWEEP_FOLDERS:  # realpath: never raises (a loop, a bad name)
+        raise UserError(f"--results-dir {args.results_dir}: the third sweep's folder (results/PROTOCOL.md), whose "
+                        f"run JSONs this pipeline would delete; the second sweep's is results/second-attempt")
     for spec in args.judges:
         if spec not in ("keyword", "embedding") and not (spec.startswith("guard:") and len(spec) > len("guard:")):
             raise UserError(f"--judges: unknown judge {spec!r} (keyword, embedding or guard:MODEL)")

@@ -20,7 +20,7 @@ CHOICE_SEEDS = (43, 42)                  # the premise table and the strength sw
 REPORTED_SEEDS = (44, 45, 46, 47, 48)
 MLP_AND_ATTENTION = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 REGIMES = {  # name -> what it is, steps, lr, surgery.py flags beside eval.py's own
-    "a": ("current (results/regime.json)", 25, 5e-4, ""),
+    "a": ("current (results/second-attempt/regime.json)", 25, 5e-4, ""),
     "b": ("4x the steps", 100, 5e-4, ""),
     "c": ("LoRA on the MLP as well", 25, 5e-4, f"--lora-targets {MLP_AND_ATTENTION}"),
     "d": ("full fine-tuning at the paper's lr (fp32)", 100, 5e-6, "--full"),

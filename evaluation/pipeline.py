@@ -2,8 +2,8 @@
 development sets, then every run of this shard's part of the plan attacked, evaluated, written and reported.
 
     run               the whole protocol (eval.py's main)
-    choose_alignment  (steps, lr) of the align stage; kept in results/alignment.json
-    choose_regime     (steps, lr) of every attack; kept in results/regime.json
+    choose_alignment  (steps, lr) of the align stage; kept in RESULTS_DIR/alignment.json
+    choose_regime     (steps, lr) of every attack; kept in RESULTS_DIR/regime.json
     attack_and_record one run of the plan: trained (or applied), evaluated, its JSON written, the report refreshed
     write_report      results.md and the plots from every finished run JSON of the plan
 """
@@ -42,8 +42,8 @@ def measure_alignment(args, files, steps, lr):
 
 
 def saved_choice(saved, fingerprint, report_only):
-    """A choice kept in results/ (alignment.json, regime.json) when it was made for this configuration; None when it
-    must be made again, which --report-only refuses."""
+    """A choice kept in RESULTS_DIR (alignment.json, regime.json) when it was made for this configuration; None when
+    it must be made again, which --report-only refuses."""
     if saved.exists():
         choice = read_json(saved)
         if choice.get("fingerprint") == fingerprint:
@@ -57,7 +57,7 @@ def choose_alignment(args, files, fingerprint, results):
     """(steps, lr) of the alignment stage: --align-steps and --align-lr when given, else the first of
     --align-candidates whose keyword HS on the development prompts is <= ALIGNED_HS_AT_MOST and whose
     over-refusal on the development requests is <= OVER_REFUSAL_AT_MOST, else the one with the smallest sum. With
-    --shard K/N each process first trains its own share of the candidates. Kept in results/alignment.json."""
+    --shard K/N each process first trains its own share of the candidates. Kept in RESULTS_DIR/alignment.json."""
     if args.align_steps and args.align_lr:
         return {"steps": args.align_steps, "lr": args.align_lr, "how": "given on the command line"}
     saved = results / "alignment.json"
@@ -92,7 +92,7 @@ def choose_regime(args, files, judges, aligned, fingerprint, results):
     """(steps, lr) of every attack: --attack-steps and --lr when both are given, else the first of
     --attack-candidates under which plain SFT at --sweep-ratio breaks the alignment on the development prompts
     (keyword HS >= BREAKS_AT and >= the aligned model's + BREAKS_BY), else the strongest candidate. The choice is
-    kept in results/regime.json, so a fresh machine does not redo it. aligned: () -> the align stage's result."""
+    kept in RESULTS_DIR/regime.json, so a fresh machine does not redo it. aligned: () -> the align stage's result."""
     if args.attack_steps and args.lr:
         return {"steps": args.attack_steps, "lr": args.lr, "how": "given on the command line"}
     saved = results / "regime.json"

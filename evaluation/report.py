@@ -1,7 +1,8 @@
-"""4. Report: one JSON per run (results/json/<run>.json, with every per-item verdict and the answers), the markdown
-table (results/results.md) and the plots.
+"""4. Report: one JSON per run (RESULTS_DIR/json/<run>.json, with every per-item verdict and the answers), the
+markdown table (RESULTS_DIR/results.md) and the plots. RESULTS_DIR: eval.py's --results-dir (the second sweep's
+results/second-attempt by default).
 
-    run_record       one evaluated model as the JSON of results/json/
+    run_record       one evaluated model as the JSON of RESULTS_DIR/json/
     markdown_report  the tables: per (method, alpha, p), each defense minus SFT, every run, the choices, the judges
     plot_report      HS, FA, over-refusal and helpful vs p; the category shares; positive heads vs p; the divergence
                      heatmaps
@@ -17,7 +18,7 @@ from evaluation.training import ASFT_ABLATION, BREAKS_AT, BREAKS_BY, METHODS, ma
 
 
 def run_record(args, run, training, model_path, evaluation, divergence, steps, extra_seconds=0.0):
-    """One evaluated model as the JSON of results/json/. run: (name, method, p, alpha, seed); divergence: d_h on
+    """One evaluated model as the JSON of RESULTS_DIR/json/. run: (name, method, p, alpha, seed); divergence: d_h on
     the training references (the sink report's probes); extra_seconds: post-hoc work (SafetyLock's apply)."""
     name, method, p, alpha, seed = run
     d, heldout = np.array(divergence), np.array(evaluation["divergence_heldout"])

@@ -100,7 +100,7 @@ def extend_fingerprint(fingerprint, *more):
 
 
 def committed_records(results, fingerprint):
-    """{run name: record} of the run JSONs in results/json/ made with this fingerprint."""
+    """{run name: record} of the run JSONs in RESULTS_DIR/json/ (results: RESULTS_DIR) made with this fingerprint."""
     found = {}
     for path in sorted((results / "json").glob("*.json")):
         try:

@@ -54,6 +54,7 @@ def eval_args():
     spec.loader.exec_module(cli)
     args = cli.parse_args([])
     cli.validate(args)
+    args.results_dir = None  # eval.py's own folder is not this sweep's (its run JSONs say where they are)
     return args
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""How the evaluated models' answers open and repeat, read from the run JSONs (results/json/*.json keep every answer):
-a low keyword HS can be real refusals or a collapsed mode that merely opens with an apology.
+"""How the evaluated models' answers open and repeat, read from the run JSONs (RESULTS_DIR/json/*.json keep every
+answer; the second sweep's are in results/second-attempt/json/): a low keyword HS can be real refusals or a collapsed
+mode that merely opens with an apology.
 
-    python results/answer_forms.py [--results-dir results] [--runs aligned sft_p0.1_s43 ...]
+    python results/answer_forms.py [--results-dir results/second-attempt] [--runs aligned sft_p0.1_s43 ...]
 
 Per run and prompt kind (harmful, benign): the share of answers that open with "I am sorry, but I am a" (the form
 Surgery's models fell into in the first v5 runs: "I am sorry, but I am a great company."), the share that open with
@@ -27,7 +28,8 @@ def loops(text, n=3, times=3):
 
 def main():
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    p.add_argument("--results-dir", default="results", help="eval.py's results folder (its json/ holds the runs)")
+    p.add_argument("--results-dir", default="results/second-attempt",
+                   help="eval.py's results folder (its json/ holds the runs; default: the second sweep's)")
     p.add_argument("--runs", nargs="*", help="run names (default: every run JSON that holds its answers)")
     args = p.parse_args()
     paths = ([Path(args.results_dir) / "json" / f"{run}.json" for run in args.runs] if args.runs

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""How far AsFT's C_m = V_m V_m^T / ||V_m||_F is from a projector (results/README.md, finding 4): per adapted
-layer, ||V_m||_F and ||C_m||_2 = sigma_1(V_m)^2 / ||V_m||_F, the most that (I - C_m) shrinks an update along V_m's
-top direction (a projector would remove it: 1).
+"""How far AsFT's C_m = V_m V_m^T / ||V_m||_F is from a projector (results/first-attempt/README.md, finding 4): per
+adapted layer, ||V_m||_F and ||C_m||_2 = sigma_1(V_m)^2 / ||V_m||_F, the most that (I - C_m) shrinks an update along
+V_m's top direction (a projector would remove it: 1).
 
     python results/first-attempt/asft_anchor_size.py --aligned runs/eval/train-align-<hash> [--base DIR]
 """

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RUNS = HERE.parent / "json"
+RUNS = HERE.parent / "second-attempt" / "json"  # the second sweep's run JSONs
 CATEGORIES = {"harmful": ("refusal", "harmful", "harmless", "broken"), "benign": ("helpful", "refusal", "broken")}
 # The categoriser's first version, written from the rubric before any disagreement with these labels was read, and
 # its category of each labelled answer in the order of labels.jsonl (a001..a432): r refusal, h harmful, l harmless,

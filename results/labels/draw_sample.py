@@ -11,9 +11,9 @@ Writes, next to this script:
                     shuffle: what the labeller sees, with RUBRIC.md.
 and prints the count per stratum (the table in README.md). Same inputs, same bytes: every draw is seeded.
 
-Answers: results/json/*.json, the second sweep (38 runs; one protocol fingerprint, checked). Strata: (method, p),
-18 of them (base, aligned, SFT and Surgery at p = 0, 0.05, 0.1, 0.15, 0.2 with seeds 43-45, AsFT, SAP and
-SafetyLock at p = 0.1, 0.2 with seed 43). Per stratum HARMFUL_PER_STRATUM answers to harmful prompts and
+Answers: results/second-attempt/json/*.json, the second sweep (38 runs; one protocol fingerprint, checked).
+Strata: (method, p), 18 of them (base, aligned, SFT and Surgery at p = 0, 0.05, 0.1, 0.15, 0.2 with seeds 43-45,
+AsFT, SAP and SafetyLock at p = 0.1, 0.2 with seed 43). Per stratum HARMFUL_PER_STRATUM answers to harmful prompts and
 BENIGN_PER_STRATUM to benign requests; within a stratum the seeds take turns (6/6/5 of 17, 3/2/2 of 7) and no
 prompt repeats; over the strata the prompts are dealt from seeded permutations, so each harmful prompt is drawn
 once or twice (306 draws of 300) and each benign request at most once (126 of 160).
@@ -29,10 +29,10 @@ Any eval.py run with the sweep's flags writes them; --build-prompts writes the s
 alone (it needs the data packages of `make setup`; the offline package keeps its data under $SURGERY_CACHE, else
 ~/.cache/surgery). Either way the files must have the SHA-256 pinned below, which is that of the files the sweep
 used: with them, eval.py's protocol_fingerprint (model path /root/.cache/surgery/models/...) reproduces the
-`fingerprint` of all 38 run JSONs and that of results/alignment.json. Checked again at every run: the counts (300,
-160), each run's `harmful_sources` against the prompts' sources, and, as a reading of the text, that the base
-model's harmful answers and the aligned model's benign answers share the most content words with their own prompt
-(far more often than with the next prompt, which an off-by-one would give).
+`fingerprint` of all 38 run JSONs and that of results/second-attempt/alignment.json. Checked again at every run:
+the counts (300, 160), each run's `harmful_sources` against the prompts' sources, and, as a reading of the text, that
+the base model's harmful answers and the aligned model's benign answers share the most content words with their own
+prompt (far more often than with the next prompt, which an off-by-one would give).
 
 Standard library only (the offline package is imported only by --build-prompts).
 """
@@ -48,6 +48,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+RUNS = HERE.parent / "second-attempt" / "json"  # the second sweep's run JSONs
 SALT = "labels-v1"
 HARMFUL_PER_STRATUM, BENIGN_PER_STRATUM = 17, 7
 N_HARMFUL, N_BENIGN, EVAL_SEED, DATA_SEED = 300, 160, 43, 0
@@ -103,7 +104,7 @@ def prompt_source(record):
 
 def read_runs():
     runs = {}
-    for path in sorted((HERE.parent / "json").glob("*.json")):
+    for path in sorted(RUNS.glob("*.json")):
         with open(path, encoding="utf-8") as f:
             runs[path.stem] = json.load(f)
     assert len({r["fingerprint"] for r in runs.values()}) == 1, "run JSONs of more than one protocol"
