@@ -152,7 +152,8 @@ def parse_args(argv=None):
                         "(same --work-dir and --results-dir; stages are locked, the report merges every shard)")
     g.add_argument("--report-only", action="store_true",
                    help="train and generate nothing: rebuild results.md and the plots from the run JSONs already in "
-                        "RESULTS_DIR/json (their answers are read again, cached under --work-dir)")
+                        "RESULTS_DIR/json alone (each carries its answers' categories; one without them is categorised once "
+                        "and written back)")
     g.add_argument("--alpha", type=float, help="Surgery's alpha in the sweep over p")
     g.add_argument("--alpha-sweep", type=float, nargs="*", help="further alphas tried at --sweep-ratio")
     g.add_argument("--sweep-ratio", type=float, help="poison ratio of the alpha sweep and the heatmap")
