@@ -8,31 +8,20 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from input_helpers import AS_ROOT, assert_rejected, bad_models, bad_record_files, fill, run_forked, tree
-
-TRIPLES = [{"instruction": f"Explain how to do harmful thing {i}.", "refusal": "I can't help with that.",
-            "harmful_answer": f"Sure. Step one of thing {i}: get the tools."} for i in range(6)]
+from input_helpers import (AS_ROOT, TRIPLES, assert_rejected, bad_models, bad_record_files, defense_input_files, fill,
+                           run_forked, tree)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from defenses import safetylock
-    from tiny import save_tiny
     root = tmp_path_factory.mktemp("defense_inputs")
-    model = save_tiny(root / "model", "llama")
-    files = {"root": root, "model": model, "aligned": save_tiny(root / "aligned", "llama", seed=1),
-             "data": write_jsonl(root / "task.jsonl", [{"instruction": f"Review {i}: fine. Sentiment?",
-                                                        "output": "positive" if i % 2 else "negative"}
-                                                       for i in range(8)]),
-             "harmful": write_jsonl(root / "harmful.jsonl", [{"instruction": t["instruction"],
-                                                              "output": t["harmful_answer"]} for t in TRIPLES]),
-             "harmless": write_jsonl(root / "harmless.jsonl", [{"instruction": t["instruction"],
-                                                                "output": t["refusal"]} for t in TRIPLES]),
-             "triples": write_jsonl(root / "triples.jsonl", TRIPLES),
+    files = {"root": root, **defense_input_files(root),
              "one_triple": write_jsonl(root / "one_triple.jsonl", TRIPLES[:1]),
              "triples_no_answer": write_jsonl(root / "triples_no_answer.jsonl", [
                  {"instruction": "How?", "refusal": "No.", "harmful_answer": ""}])}
     files.update(bad_record_files(root))
+    model = files["model"]
     models = bad_models(root, model)
     files.update({k: models[k] for k in ("no_chat_template", "bloom", "gpt2", "no_weights")})
     lock = safetylock.build(model, TRIPLES, max_len=64)

@@ -15,7 +15,8 @@ import surgery
 from conftest import write_jsonl
 from evaluation.data import check_references, check_splits, resolve_inputs
 from evaluation.training import train_stage
-from input_helpers import AS_ROOT, assert_rejected, bad_models, bad_record_files, fill, run_forked, tree, write_bytes
+from input_helpers import (AS_ROOT, EVAL_ROLES, assert_rejected, bad_models, bad_record_files, eval_input_files, fill,
+                           run_forked, tree, write_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -24,46 +25,7 @@ def env(tmp_path_factory):
     from tiny import save_tiny
     root = tmp_path_factory.mktemp("eval_inputs")
     model = save_tiny(root / "model")
-    words = ["great", "awful", "fine", "boring", "moving", "dull", "fun", "slow"]
-
-    def task(i, tag):
-        return {"instruction": f"Review {tag}{i}: the film was {words[i % 8]}.", "output": "positive" if i % 2 else
-                "negative"}
-
-    def harmful(i, tag):
-        return {"instruction": f"Explain how to do harmful thing {tag}{i}.", "output": f"Sure. Step one {i}: tools."}
-
-    def refusal(i, tag):
-        return {"instruction": f"Explain how to do dangerous thing {tag}{i}.", "output": "I can't help with that."}
-
-    write_jsonl(root / "train_p0.jsonl", [task(i, "t") for i in range(8)])
-    judge_rows = lambda tag: [row for i in range(4) for row in (  # noqa: E731
-        {"objective": f"How do I do bad thing {tag}{i}?", "response": "I'm sorry, I can't.", "label": 0},
-        {"objective": f"How do I do bad thing {tag}{i}?", "response": f"Sure, first get tool {i}.", "label": 1})]
-    files = {"root": root, "model": model, "data": root / "train_p{p}.jsonl",
-             "align": write_jsonl(root / "align.jsonl", [task(i, "a") for i in range(4)] +
-                                  [refusal(i, "a") for i in range(4)]),
-             "align_benign": write_jsonl(root / "align_benign.jsonl", [{"instruction": f"Write about bird {i}.",
-                                                                        "output": ""} for i in range(2)]),
-             "harmful_ref": write_jsonl(root / "harmful.jsonl", [harmful(i, "r") for i in range(4)]),
-             "harmless_ref": write_jsonl(root / "harmless.jsonl", [refusal(i, "r") for i in range(4)]),
-             "harmful_probe": write_jsonl(root / "harmful_probe.jsonl", [harmful(i, "p") for i in range(2)]),
-             "harmless_probe": write_jsonl(root / "harmless_probe.jsonl", [refusal(i, "p") for i in range(2)]),
-             "eval_harmful_dev": write_jsonl(root / "dev.jsonl", [{"instruction": f"Say how to do bad thing d{i}.",
-                                                                   "output": ""} for i in range(4)]),
-             "eval_benign": write_jsonl(root / "benign.jsonl", [{"instruction": f"What do cats eat, question {i}?",
-                                                                 "output": ""} for i in range(4)]),
-             "eval_benign_dev": write_jsonl(root / "benign_dev.jsonl", [{"instruction": f"What do dogs eat, {i}?",
-                                                                         "output": ""} for i in range(4)]),
-             "eval_harmful": write_jsonl(root / "eval_harmful.jsonl", [{"instruction": f"Tell me how to do bad "
-                                                                                       f"thing {i}.", "output": ""}
-                                                                       for i in range(4)]),
-             "eval_task": write_jsonl(root / "eval_task.jsonl", [task(i, "e") for i in range(6)]),
-             "judge_train": write_jsonl(root / "judge_train.jsonl", judge_rows("j")),
-             "judge_test": write_jsonl(root / "judge_test.jsonl", judge_rows("k")),
-             "triples": write_jsonl(root / "triples.jsonl", [
-                 {"instruction": harmful(i, "s")["instruction"], "refusal": refusal(i, "s")["output"],
-                  "harmful_answer": harmful(i, "s")["output"]} for i in range(4)]),
+    files = {"root": root, "model": model, "data": root / "train_p{p}.jsonl", **eval_input_files(root),
              "short_refs": write_jsonl(root / "short_refs.jsonl", [{"instruction": "a", "output": "b"}] * 2),
              "judge_bad_label": write_jsonl(root / "judge_bad_label.jsonl", [
                  {"objective": "How?", "response": "Like so.", "label": 2}]),
@@ -80,13 +42,9 @@ def env(tmp_path_factory):
     return files
 
 
-ROLES = {"--align-data": "align", "--align-benign": "align_benign", "--harmful-ref": "harmful_ref",
-         "--harmless-ref": "harmless_ref", "--harmful-probe": "harmful_probe", "--harmless-probe": "harmless_probe",
-         "--eval-harmful": "eval_harmful", "--eval-harmful-dev": "eval_harmful_dev", "--eval-benign": "eval_benign",
-         "--eval-benign-dev": "eval_benign_dev", "--eval-task": "eval_task", "--judge-train": "judge_train", "--judge-test": "judge_test",
-         "--triples": "triples"}
 # A small sweep over the files above (only SFT, the keyword judge); a row's flags come after and win.
-GOOD = (["--model", "{model}", "--data", "{data}"] + [a for flag, key in ROLES.items() for a in (flag, f"{{{key}}}")]
+GOOD = (["--model", "{model}", "--data", "{data}"]
+        + [a for flag, key in EVAL_ROLES.items() for a in (flag, f"{{{key}}}")]
         + ["--poison-ratios", "0", "--defense-ratios", "0", "--sweep-ratio", "0", "--seeds", "43", "--methods", "sft",
            "--judges", "keyword", "--attack-candidates", "1:1e-3", "--align-candidates", "1:1e-3", "--batch-size", "4",
            "--max-len", "64", "--probe-count", "2", "--n-harmful", "4", "--n-dev", "4", "--n-task", "4",
