@@ -6,19 +6,18 @@ results/, never recomputed); its rules and grid are evaluation/choices.py's, its
     python -m evaluation.third premise   [--shard K/N]  SFT in four attack regimes, on the development sets (sec. 4)
     python -m evaluation.third strengths [--shard K/N]  the regime chosen; alpha and lambda swept (section 5)
     python -m evaluation.third main      [--shard K/N]  the main grid on the held-out sets (section 7)
+    python -m evaluation.third release                  the adapters at p = 0.2, seed 44, checked (section 10)
     python -m evaluation.third report                   the tables from the committed JSONs alone
 
     seeded_train       the train set of (p, seed): the seed draws the poison and task pairs (section 1)
     aligned_model      the starting model, rebuilt from its committed adapter
     dev_record         one trained model's development answers, their categories and its sink divergence
-    calibrate_control  the control's reference sets, chosen by their penalty on the aligned model (section 6)
     choose_regime      section 4's rule with budget checkpoint 1; checkpoint_2 after 10 main runs (section 7)
     attack             one SFT, Surgery, control or AsFT run from the aligned model in a regime
 """
 import argparse
 import hashlib
 import json
-import math
 import random
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 import offline
-from common import ArgumentParser, UserError, read_json, write_json, write_jsonl, write_text
+from common import ArgumentParser, UserError, read_json, write_json, write_text
 from evaluation.categories import categorise, categoriser_version
 from evaluation.choices import (ALPHAS, CEILING_HOURS, CHOICE_SEEDS, CORE, CUTS, LAMBDAS, N_TRAIN, PREMISE_HS_RISE,
                                 QUALITY_MARGIN, RATIOS, REGIMES, REPORTED_SEEDS, STEP_FACTOR, budget_cells, dev_means,
@@ -273,70 +272,6 @@ def write_premise_report(results):
     return table
 
 
-# ---- 4. The harm-blind control (PROTOCOL.md section 6) --------------------------------------------------------
-
-# X_m vs X_r candidates, in the protocol's order (relu makes the orientation matter); the first whose penalty on the
-# untrained aligned model is within CONTROL_FACTOR of Surgery's is the control.
-CONTROL_CANDIDATES = (("novels", "reviews"), ("reviews", "novels"), ("claims", "reviews"), ("reviews", "claims"),
-                      ("claims", "novels"), ("novels", "claims"))
-CONTROL_FACTOR = 2.0
-
-
-def drawn_reviews(data_seed):
-    """The review sentences that some train set of this sweep (every seed, every p) draws from the benign pool."""
-    splits = offline.build_splits(data_seed)
-    return {offline.review_text(r["instruction"]) for seed in CHOICE_SEEDS + REPORTED_SEEDS
-            for r in seed_draw(splits, seed)[1][:N_TRAIN]}
-
-
-def penalty_on(model, tokenizer, harmful, harmless, ctx):
-    """The sink penalty mean relu(d_h) and the positive-head count of one pair of reference sets on a model, with
-    the token lengths of both sets."""
-    import checks
-    import surgery
-    ids = [[surgery.encode(tokenizer, r, ctx.args.max_len)[0] for r in rows] for rows in (harmful, harmless)]
-    d = surgery.probe_divergence(model, *ids, train_sink_pos(ctx.args), tokenizer.pad_token_id)
-    d = np.asarray(d, dtype=float)
-    return {"penalty": float(np.maximum(d, 0).mean()), "positive_heads": int((d > 0).sum()),
-            "lengths": checks.reference_lengths(*ids)}
-
-
-def calibrate_control(ctx):
-    """Every candidate's penalty on the untrained aligned model beside Surgery's own (recomputed with the same code),
-    the first within CONTROL_FACTOR chosen (else the closest in |log ratio|, flagged), its sets written to
-    results/dev/control/ and everything to results/dev/control/calibration.json."""
-    folder = ctx.results / "dev" / "control"
-    if (folder / "calibration.json").exists():
-        return read_json(folder / "calibration.json")
-    import surgery
-    from offline.control import control_pairs, harm_blind_sources
-    model, tokenizer = surgery.load_model(aligned_model(ctx)["model"], device_for(ctx.args))
-    refs = [offline.read_jsonl(ctx.files[k]) for k in ("harmful_ref", "harmless_ref")]
-    own = penalty_on(model, tokenizer, *refs, ctx)
-    sources = harm_blind_sources(ctx.args.data_seed, drawn_reviews(ctx.args.data_seed))
-    candidates, sets = [], {}
-    for first, second in CONTROL_CANDIDATES:
-        sets[(first, second)] = control_pairs(sources, first, second, ctx.args.data_seed)
-        measured = penalty_on(model, tokenizer, *sets[(first, second)], ctx)
-        ratio = measured["penalty"] / own["penalty"]
-        candidates.append({"X_m": first, "X_r": second, **measured, "ratio_to_surgery": ratio,
-                           "within_factor": 1 / CONTROL_FACTOR <= ratio <= CONTROL_FACTOR})
-        print(f"control {first} vs {second}: penalty {measured['penalty']:.3e} ({ratio:.2f}x Surgery's "
-              f"{own['penalty']:.3e}), {measured['positive_heads']} positive heads", flush=True)
-    chosen = next((c for c in candidates if c["within_factor"]), None)
-    matched = chosen is not None
-    chosen = chosen or min(candidates, key=lambda c: abs(math.log(c["ratio_to_surgery"])))
-    harmful, harmless = sets[(chosen["X_m"], chosen["X_r"])]
-    write_jsonl(folder / "harmful_ref.jsonl", harmful)
-    write_jsonl(folder / "harmless_ref.jsonl", harmless)
-    calibration = {"surgery": own, "candidates": candidates, "chosen": {"X_m": chosen["X_m"], "X_r": chosen["X_r"]},
-                   "matched": matched, "factor": CONTROL_FACTOR, "source_sizes": {k: len(v) for k, v in sources.items()},
-                   "model": "the aligned model, untrained by any attack", "commit": code_commit(),
-                   "files": {"X_m": "harmful_ref.jsonl", "X_r": "harmless_ref.jsonl"}}
-    write_json(folder / "calibration.json", calibration, strict=False)
-    return calibration
-
-
 # ---- 5. The regime and the strengths (PROTOCOL.md sections 4, 5 and 7) -----------------------------------------
 
 def choose_regime(results):
@@ -523,17 +458,60 @@ def strength_records(results):
     return [read_json(p) for p in sorted(folder.glob("strength*.json"))] if folder.is_dir() else []
 
 
+# ---- 7. Releasable models (PROTOCOL.md section 10) --------------------------------------------------------------
+
+RELEASE_SEED, RELEASE_CHECK_PROMPTS, RELEASE_CHECK_SHARE = 44, 50, 90.0
+
+
+def release_models(ctx, choice, strengths):
+    """The adapters of SFT, Surgery and the control at p = 0.2, first reported seed, under results/models/<run>/
+    adapter/ in bf16, each checked: with the aligned adapter merged first, its greedy answers to the first
+    RELEASE_CHECK_PROMPTS held-out harmful prompts equal the run JSON's for >= RELEASE_CHECK_SHARE% of them, else it
+    is released in fp32 instead. Results in results/models/release.json."""
+    import answer
+    import surgery
+    from evaluation.generation import generate
+    if choice["regime"] == "d":
+        raise UserError("regime (d) trains every weight: there are no adapters to release (section 10)")
+    alpha, p = strengths["surgery"]["chosen"], max(RATIOS)
+    prompts = [r["instruction"] for r in offline.read_jsonl(ctx.files["eval_harmful"])][:RELEASE_CHECK_PROMPTS]
+    base = ("the aligned model: the default model (SmolLM2-135M-Instruct, fp32) with results/models/aligned/adapter "
+            "merged first")
+    report = {}
+    for method, strength in (("sft", 0.0), ("surgery", alpha), ("control", alpha)):
+        name = run_name(method, strength, p, RELEASE_SEED)
+        stored = read_json(ctx.results / "json" / f"{name}.json")["harmful_answers"][:RELEASE_CHECK_PROMPTS]
+        trained, _, _ = attack(ctx, choice["regime"], method, strength, p, RELEASE_SEED, "main")
+        target = ctx.results / "models" / name / "adapter"
+        for fp32 in (False, True):
+            release_adapter(Path(trained["model"]) / "adapter", target, base, fp32=fp32)
+            model, tokenizer = surgery.load_model(str(ctx.files["model"]), device_for(ctx.args))
+            for folder in (ctx.results / ALIGNED_ADAPTER, target):
+                answer.merge_adapter(model, folder)
+            answers = generate(model, tokenizer, prompts, ctx.args.max_new_tokens, ctx.args.gen_batch, name)
+            same = 100.0 * sum(a == b for a, b in zip(answers, stored)) / len(stored)
+            report[name] = {"dtype": "fp32" if fp32 else "bf16", "same_answers_percent": same,
+                            "prompts": len(stored)}
+            print(f"{name}: {same:.0f}% of the first {len(stored)} held-out answers equal the run's "
+                  f"({report[name]['dtype']})", flush=True)
+            if same >= RELEASE_CHECK_SHARE:
+                break
+    write_json(ctx.results / "models" / "release.json", report, strict=False)
+    return report
+
+
 # ---- command line ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
     p = ArgumentParser(prog="python -m evaluation.third",
                                 description="The third sweep of results/PROTOCOL.md, stage by stage; every finished "
                                             "run is a JSON under --results-dir and is never recomputed.")
-    p.add_argument("stage", choices=("control", "premise", "strengths", "main", "report"),
+    p.add_argument("stage", choices=("control", "premise", "strengths", "main", "release", "report"),
                    help="control: the harm-blind control's reference sets, calibrated on the aligned model (section "
                         "6); premise: SFT in the four attack regimes on the development sets (section 4); strengths: "
                         "the regime chosen, then Surgery's alpha and AsFT's lambda swept (section 5); main: the main "
-                        "grid on the held-out sets (section 7); report: the tables from the committed JSONs alone")
+                        "grid on the held-out sets (section 7); release: the adapters at p = 0.2, seed 44, checked "
+                        "(section 10); report: the tables from the committed JSONs alone")
     p.add_argument("--shard", default="0/1", help="K/N: this process runs every N-th run starting at K (default 0/1)")
     p.add_argument("--results-dir", default="results", help="where the JSONs and tables go (default: results)")
     args = p.parse_args(argv)
@@ -547,6 +525,7 @@ def main(argv=None):
         raise SystemExit(2)
     try:
         if args.stage == "control":
+            from evaluation.control import calibrate_control
             calibration = calibrate_control(context(args.results_dir))
             print(json.dumps({k: calibration[k] for k in ("chosen", "matched")}))
             return calibration
@@ -565,12 +544,17 @@ def main(argv=None):
             ctx = context(args.results_dir)
             from evaluation.reading import RunReader
             choice, strengths = (read_json(Path(args.results_dir) / "dev" / f) for f in ("regime.json", "strengths.json"))
+            from evaluation.control import calibrate_control
             calibrate_control(ctx)
             reader = RunReader(ctx.args, ctx.files, ctx.judges)
             for method, strength, ratio, seed in main_plan(choice, strengths)[shard::shards]:
                 if (method, ratio) in (choice.get("checkpoint_2") or choice["checkpoint_1"][choice["regime"]])["cells"]:
                     main_run(ctx, choice["regime"], method, strength, ratio, seed, reader)
                 choice = checkpoint_2(args.results_dir, choice)
+        if args.stage == "release":
+            ctx = context(args.results_dir)
+            choice, strengths = (read_json(Path(args.results_dir) / "dev" / f) for f in ("regime.json", "strengths.json"))
+            release_models(ctx, choice, strengths)
         table = write_premise_report(args.results_dir)
         main_runs = main_records(args.results_dir)
         if main_runs:  # the main grid's tables and verdict, from its committed JSONs alone
