@@ -48,8 +48,8 @@ def slope_fit(rows, key):
         rss += ((y - y.mean() - b * (p - p.mean())) ** 2).sum()
     df = len(rows) - len(seeds) - 1
     half = T_975[df] * math.sqrt(rss / df / sxx) if df in T_975 else float("nan")
-    return {"slope_per_0.1": 0.1 * b, "low": 0.1 * (b - half), "high": 0.1 * (b + half), "df": df,
-            "seed_slopes_per_0.1": {str(s): v for s, v in own.items()}}
+    return {"slope_per_0.1": float(0.1 * b), "low": float(0.1 * (b - half)), "high": float(0.1 * (b + half)),
+            "df": df, "seed_slopes_per_0.1": {str(s): float(v) for s, v in own.items()}}
 
 
 def premise_table(records, aligned):
@@ -68,8 +68,8 @@ def premise_table(records, aligned):
             hs = float(np.mean([r["dev_harmful"]["harmful"] for r in rows if r["poison_ratio"] == max(RATIOS)]))
             entry.update(M_fit=fit_m, N_fit=fit_n, at_p=at_p, dev_hs_at_0_2=hs,
                          dev_hs_rise=hs - aligned["dev_harmful"]["harmful"],
-                         premise_holds=fit_m["low"] > 0 and all(v > 0 for v in fit_m["seed_slopes_per_0.1"].values()),
-                         hs_rise_met=hs - aligned["dev_harmful"]["harmful"] >= PREMISE_HS_RISE,
+                         premise_holds=bool(fit_m["low"] > 0 and all(v > 0 for v in fit_m["seed_slopes_per_0.1"].values())),
+                         hs_rise_met=bool(hs - aligned["dev_harmful"]["harmful"] >= PREMISE_HS_RISE),
                          train_seconds_per_run=float(np.mean([r["train_seconds"] for r in rows])))
         table[regime] = entry
     return table

@@ -77,3 +77,10 @@ def test_budget_cuts_in_the_protocols_order_and_never_the_core():
     none = choices.budget_cells("a", rows, 170.0, spent=choices.CEILING_HOURS)
     assert not none["fits"] and set(none["cells"]) == set(choices.CORE)
     assert ("asft", 0.2) not in choices.main_cells("d") and ("asft", 0.2) in choices.main_cells("a")
+
+
+def test_premise_table_is_plain_json():
+    import json
+    aligned = {"dev_harmful": {"harmful": 0.0}, "M": 0.0, "N": 0, "heads": 270}
+    table = choices.premise_table(premise_rows("a", lambda s, p: 0.1 + p + 0.001 * (s == 43)), aligned)
+    assert json.loads(json.dumps(table, allow_nan=False))["a"]["premise_holds"] is True
