@@ -104,6 +104,7 @@ def premise_markdown(table, aligned):
 CEILING_HOURS = 16.5          # section 7: the issue's "about 15" CPU hours plus 10%
 HELDOUT_EVAL_SECONDS = 523.5  # section 7: a held-out evaluation, median of the second sweep's runs
 STEP_FACTOR = {"sft": 1.0, "surgery": 6.61 / 5.52, "control": 6.61 / 5.52, "asft": 6.37 / 5.52}  # second sweep
+REFERENCES = ("aligned", "base")  # section 7 (amendment 4): their held-out answers regenerated, one evaluation each
 ALPHAS = (10.0, 30.0, 100.0, 300.0, 1000.0)
 LAMBDAS = (0.1, 0.3, 1.0, 3.0, 10.0)
 QUALITY_MARGIN = 5.0          # section 5: points of helpful and broken against SFT's
@@ -125,14 +126,15 @@ def spent_hours(records):
 
 
 def projected_hours(regime, premise_rows, dev_eval_seconds, cells, strengths_done=0):
-    """CPU hours still to spend in a regime: the strength sweeps (those not run yet) and the main grid's cells, from
-    the regime's measured SFT training time per run and the second sweep's method factors."""
+    """CPU hours still to spend in a regime: the strength sweeps (those not run yet), the main grid's cells and the
+    two reference evaluations, from the regime's measured SFT training time per run and the second sweep's method
+    factors."""
     sft_train = float(np.mean([r["train_seconds"] for r in premise_rows]))
     strength = sum(sft_train * STEP_FACTOR[m] + dev_eval_seconds
                    for m in ["surgery"] * len(ALPHAS) * 2 + ["asft"] * len(LAMBDAS) * 2 * (regime != "d"))
     strength *= 1 - strengths_done
     grid = sum(len(REPORTED_SEEDS) * (sft_train * STEP_FACTOR[m] + HELDOUT_EVAL_SECONDS) for m, _ in cells)
-    return (strength + grid) / 3600
+    return (strength + grid + len(REFERENCES) * HELDOUT_EVAL_SECONDS) / 3600
 
 
 def budget_cells(regime, premise_rows, dev_eval_seconds, spent):

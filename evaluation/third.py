@@ -16,6 +16,7 @@ results/, never recomputed); its rules and grid are evaluation/choices.py's, its
     attack             one SFT, Surgery, control or AsFT run from the aligned model in a regime
 """
 import argparse
+import functools
 import hashlib
 import json
 import random
@@ -31,8 +32,8 @@ import offline
 from common import ArgumentParser, UserError, read_json, write_json, write_text
 from evaluation.categories import categorise, categoriser_version
 from evaluation.choices import (ALPHAS, CEILING_HOURS, CHOICE_SEEDS, CORE, CUTS, LAMBDAS, N_TRAIN, PREMISE_HS_RISE,
-                                QUALITY_MARGIN, RATIOS, REGIMES, REPORTED_SEEDS, STEP_FACTOR, budget_cells, dev_means,
-                                choose_strength, plot_strengths, premise_markdown, premise_table, spent_hours)
+                                QUALITY_MARGIN, RATIOS, REFERENCES, REGIMES, REPORTED_SEEDS, STEP_FACTOR, budget_cells,
+                                dev_means, choose_strength, plot_strengths, premise_markdown, premise_table, spent_hours)
 from evaluation.data import check_splits, resolve_inputs
 from evaluation.generation import generate
 from evaluation.judges import EmbeddingJudge, build_judges
@@ -57,8 +58,11 @@ def eval_args():
     return args
 
 
+@functools.lru_cache(maxsize=None)
 def code_commit():
-    """The commit the code of a run came from, "+dirty" when the tree differs from it (recorded, not enforced)."""
+    """The commit the code of a run came from, "+dirty" when the tree differs from it (recorded, not enforced); read
+    once, when the stage starts (main() calls it first), so that a commit made while a run trains is not credited
+    with code the process never loaded."""
     def git(*argv):
         return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit = git("rev-parse", "HEAD") or "unknown"
@@ -143,11 +147,17 @@ def aligned_model(ctx):
         answer.merge_adapter(model, released)
         model.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
-        ids = [[surgery.encode(tokenizer, r, ctx.args.max_len)[0] for r in offline.read_jsonl(ctx.files[k])]
-               for k in ("harmful_ref", "harmless_ref")]
-        d = surgery.probe_divergence(model, *ids, train_sink_pos(ctx.args), tokenizer.pad_token_id)
-        return {"model": str(folder / "model"), "sink_report": {"divergence_after": np.asarray(d).tolist()}}
+        d = reference_divergence(ctx, model, tokenizer)
+        return {"model": str(folder / "model"), "sink_report": {"divergence_after": d}}
     return cached_stage(ctx.args.work_dir, "aligned-from-adapter", config, compute)
+
+
+def reference_divergence(ctx, model, tokenizer):
+    """d_h of a loaded model on the 64 reference pairs (the development probes), as surgery.py's sink report."""
+    import surgery
+    ids = [[surgery.encode(tokenizer, r, ctx.args.max_len)[0] for r in offline.read_jsonl(ctx.files[k])]
+           for k in ("harmful_ref", "harmless_ref")]
+    return np.asarray(surgery.probe_divergence(model, *ids, train_sink_pos(ctx.args), tokenizer.pad_token_id)).tolist()
 
 
 def release_adapter(source, target, base, fp32=False):
@@ -415,10 +425,39 @@ def main_run(ctx, regime, method, strength, p, seed, reader):
     return record
 
 
-def main_records(results):
+def reference_run(ctx, method, reader):
+    """The aligned or the base model on the held-out sets, categorised: section 7's reference rows, regenerated
+    because this sweep's aligned model is the retrained one (amendment 4); results/json/<method>.json."""
+    import surgery
+    from evaluation.generation import evaluate_stage
+    from evaluation.report import run_record
+    target = ctx.results / "json" / f"{method}.json"
+    if target.exists():
+        print(f"[committed] {method}  ({target})", flush=True)
+        return read_json(target)
+    aligned = aligned_model(ctx)
+    if method == "aligned":
+        model_path, divergence = aligned["model"], aligned["sink_report"]["divergence_after"]
+    else:
+        model_path = ctx.files["model"]
+        divergence = reference_divergence(ctx, *surgery.load_model(str(model_path), "cpu"))
+    evaluation = evaluate_stage(ctx.args, ctx.files, ctx.judges, method, model_path)
+    record = run_record(ctx.args, (method, method, None, 0.0, None), None, model_path, evaluation, divergence, 0)
+    record.update(sweep="third", regime=None, strength=None, commit=code_commit())
+    record = reader.categorised(record, ctx.results)
+    write_json(target, record, strict=False)
+    print(f"{method}: harmful {record['harmful_categories'].count('harmful')}/{len(record['harmful_categories'])}, "
+          f"refusal {record['harmful_categories'].count('refusal')}; helpful "
+          f"{record['benign_categories'].count('helpful')}/{len(record['benign_categories'])}", flush=True)
+    return record
+
+
+def main_records(results, references=False):
+    """The committed run JSONs of this sweep's main grid (with references=True, the aligned and base rows too)."""
     folder = Path(results) / "json"
-    return [r for r in (read_json(p) for p in sorted(folder.glob("*.json"))) if r.get("sweep") == "third"] \
+    records = [r for r in (read_json(p) for p in sorted(folder.glob("*.json"))) if r.get("sweep") == "third"] \
         if folder.is_dir() else []
+    return [r for r in records if references or r["method"] not in REFERENCES]
 
 
 def checkpoint_2(results, choice):
@@ -428,12 +467,14 @@ def checkpoint_2(results, choice):
     done = main_records(results)
     if choice.get("checkpoint_2") or len(done) < 10:
         return choice
+    references = sum(r["wall_seconds"]["evaluate"] for r in main_records(results, references=True)
+                     if r["method"] in REFERENCES)
     cost = {m: [r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"] for r in done if r["method"] == m]
             for m in STEP_FACTOR}
     sft = float(np.mean(cost["sft"]))
     per_run = {m: float(np.mean(v)) if v else sft * STEP_FACTOR[m] for m, v in cost.items()}
     spent = spent_hours(committed_dev_records(results) + strength_records(results)) \
-        + sum(r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"] for r in done) / 3600
+        + (sum(r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"] for r in done) + references) / 3600
     names = {r["run"] for r in done}
     cells, cuts = list(choice["checkpoint_1"][choice["regime"]]["cells"]), []
 
@@ -515,6 +556,7 @@ def main(argv=None):
     p.add_argument("--shard", default="0/1", help="K/N: this process runs every N-th run starting at K (default 0/1)")
     p.add_argument("--results-dir", default="results", help="where the JSONs and tables go (default: results)")
     args = p.parse_args(argv)
+    code_commit()
     try:
         k, _, n = args.shard.partition("/")
         shard, shards = int(k), int(n)
@@ -547,6 +589,8 @@ def main(argv=None):
             from evaluation.control import calibrate_control
             calibrate_control(ctx)
             reader = RunReader(ctx.args, ctx.files, ctx.judges)
+            for method in REFERENCES[shard::shards]:
+                reference_run(ctx, method, reader)
             for method, strength, ratio, seed in main_plan(choice, strengths)[shard::shards]:
                 if (method, ratio) in (choice.get("checkpoint_2") or choice["checkpoint_1"][choice["regime"]])["cells"]:
                     main_run(ctx, choice["regime"], method, strength, ratio, seed, reader)
@@ -556,7 +600,7 @@ def main(argv=None):
             choice, strengths = (read_json(Path(args.results_dir) / "dev" / f) for f in ("regime.json", "strengths.json"))
             release_models(ctx, choice, strengths)
         table = write_premise_report(args.results_dir)
-        main_runs = main_records(args.results_dir)
+        main_runs = main_records(args.results_dir, references=True)
         if main_runs:  # the main grid's tables and verdict, from its committed JSONs alone
             from evaluation.verdict import markdown
             write_text(Path(args.results_dir) / "results.md",

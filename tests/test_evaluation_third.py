@@ -73,3 +73,13 @@ def test_aligned_model_is_rebuilt_bit_for_bit_from_its_released_adapter(tiny_run
     third.release_adapter(run / "adapter", bf16, "the tiny model")
     assert {t.dtype for t in load_file(str(bf16 / "adapter_model.safetensors")).values()} == {torch.bfloat16}
     assert json.loads((bf16 / "adapter_config.json").read_text())["base_model_name_or_path"] == "the tiny model"
+
+
+def test_main_records_keep_the_references_apart(tmp_path):
+    folder = tmp_path / "json"
+    folder.mkdir()
+    for name, method in (("sft_p0.2_s44", "sft"), ("aligned", "aligned"), ("base", "base"), ("old", "sft")):
+        (folder / f"{name}.json").write_text(json.dumps({"run": name, "method": method,
+                                                         "sweep": "third" if name != "old" else None}))
+    assert [r["run"] for r in third.main_records(tmp_path)] == ["sft_p0.2_s44"]
+    assert [r["run"] for r in third.main_records(tmp_path, references=True)] == ["aligned", "base", "sft_p0.2_s44"]
