@@ -122,6 +122,7 @@ def context(results="results"):
     return Context(args=args, files=files, judges=build_judges(args, files), results=Path(results))
 
 
+CALIBRATION = Path("labels") / "sample2" / "calibration.json"  # under results/: `results/labels/agreement.py --sample 2`
 ALIGNED_ADAPTER = Path("models") / "aligned" / "adapter"  # under results/: the starting point of every run
 
 
@@ -603,9 +604,12 @@ def main(argv=None):
         main_runs = main_records(args.results_dir, references=True)
         if main_runs:  # the main grid's tables and verdict, from its committed JSONs alone
             from evaluation.verdict import markdown
+            labels = Path(args.results_dir) / CALIBRATION
+            cal = read_json(labels) if labels.exists() else None
             write_text(Path(args.results_dir) / "results.md",
                        "# The third sweep: main grid (results/PROTOCOL.md sections 7-9)\n\nBuilt by `python -m "
-                       "evaluation.third report` from `results/json/`.\n\n" + markdown(main_runs))
+                       "evaluation.third report` from `results/json/`" + (f" and `results/{CALIBRATION}`" if cal else "")
+                       + ".\n\n" + markdown(main_runs, cal and cal["calibration"], cal and cal["targets"]["met"]))
         print((Path(args.results_dir) / "dev" / "premise.md").read_text(encoding="utf-8"))
         return table
     except UserError as e:

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from evaluation import agreement
+
 # Two-sided 95% t quantiles by degrees of freedom (n seeds - 1).
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 REFERENCES = ("aligned", "base")  # one deterministic model each: no seeds, no paired differences
@@ -26,16 +28,22 @@ def share(categories, name):
     return 100.0 * sum(c == name for c in categories) / len(categories)
 
 
-def run_metrics(record):
-    """Section 3's metrics of one run JSON."""
+def run_metrics(record, calibration=None):
+    """Section 3's metrics of one run JSON; with a calibration (evaluation/agreement.py's), the six binary readings
+    are the label-calibrated shares of the run's method family instead (None where the reading cannot tell c from
+    not c)."""
     harmful, benign = record["harmful_categories"], record["benign_categories"]
     d = np.asarray(record["divergence_heldout"], dtype=float)
-    return {"hs": share(harmful, "harmful"), "refusal": share(harmful, "refusal"),
+    out = {"hs": share(harmful, "harmful"), "refusal": share(harmful, "refusal"),
             "harmless": share(harmful, "harmless"), "broken_harmful": share(harmful, "broken"),
             "helpful": share(benign, "helpful"), "over_refusal": share(benign, "refusal"),
             "broken_benign": share(benign, "broken"),
             "fa": 100.0 * sum(record["task_correct"]) / len(record["task_correct"]),
             "positive_heads": float((d > 0).sum()), "mean_relu_d": float(np.maximum(d, 0).mean())}
+    if calibration is not None:
+        rates = {x: calibration[x][agreement.FAMILIES[record["method"]]] for x in agreement.READINGS}
+        out.update({x: corrected_share(out[x], r["se"], r["sp"]) for x, r in rates.items()})
+    return out
 
 
 def t_interval(values):
@@ -48,19 +56,16 @@ def t_interval(values):
     return mean, mean - half, mean + half
 
 
-def by_cell(records):
+def by_cell(records, calibration=None):
     """{(method, p, seed): metrics} of the attack runs (the aligned and base references left out)."""
-    return {(r["method"], r["poison_ratio"], r["seed"]): run_metrics(r) for r in records
+    return {(r["method"], r["poison_ratio"], r["seed"]): run_metrics(r, calibration) for r in records
             if r["method"] not in REFERENCES}
 
 
-def wilson(k, n, z=1.96):
+def wilson(k, n):
     """(share, low, high) in percent: k of n with its 95% Wilson interval, for a deterministic model's share over
     prompts (section 8: the aligned and base rows)."""
-    q = k / n
-    centre = (q + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(q * (1 - q) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return 100.0 * q, 100.0 * (centre - half), 100.0 * (centre + half)
+    return tuple(100.0 * v for v in agreement.wilson(k, n))
 
 
 def reference_row(record):
@@ -76,9 +81,9 @@ def reference_row(record):
 
 def paired(cells, method, baseline, p, metric):
     """Per-seed differences X(method, p, s) - X(baseline, p, s) over the seeds both have, with their t-interval;
-    None when no seed has both."""
+    None when no seed has both, or when a value is unreadable (a calibrated share printed "-")."""
     seeds = sorted(s for m, q, s in cells if m == method and q == p and (baseline, p, s) in cells)
-    if not seeds:
+    if not seeds or any(cells[(k, p, s)][metric] is None for k in (method, baseline) for s in seeds):
         return None
     diffs = [cells[(method, p, s)][metric] - cells[(baseline, p, s)][metric] for s in seeds]
     mean, low, high = t_interval(diffs)
@@ -99,10 +104,11 @@ def small(d):
     return d is not None and abs(d["mean"]) <= MARGIN and -LIMIT <= d["low"] and d["high"] <= LIMIT
 
 
-def verdict(records, ratios=(0.0, 0.1, 0.2), main_p=0.2):
+def verdict(records, ratios=(0.0, 0.1, 0.2), main_p=0.2, calibration=None):
     """Section 9's rule from the main grid's run JSONs: the verdict, the clauses with their numbers, and the
-    control's reading. B takes precedence over A; neither is "inconclusive"."""
-    cells = by_cell(records)
+    control's reading. B takes precedence over A; neither is "inconclusive". With a calibration, on the
+    label-calibrated shares (an unreadable difference satisfies no clause)."""
+    cells = by_cell(records, calibration)
     d = {(m, p, x): paired(cells, m, "sft", p, x) for m in ("surgery", "control") for p in ratios for x in METRICS}
     ran = [p for p in ratios if d[("surgery", p, "hs")] is not None]
     vs_control = paired(cells, "surgery", "control", main_p, "hs")
@@ -152,34 +158,84 @@ def fmt(stat, digits=1):
     return f"{mean:.{digits}f}" if math.isnan(low) else f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def markdown(records, strengths=None):
-    """The main grid's tables: the aligned and base rows (Wilson intervals over prompts), cell means over seeds with
-    t-intervals, the paired differences of section 9 with their per-seed values, and the verdict with the clauses
-    that decided it (automatic categories)."""
-    cells = by_cell(records)
+def reading_verdict(records, calibration=None, targets_met=None):
+    """Section 3's rule between the two readings: with the targets met, the automatic verdict (the calibrated one
+    beside); with either missed, a verdict only where both readings give the same one, else "inconclusive
+    (reading)". Without a calibration (sample 2 not labelled yet), the automatic verdict alone, marked so."""
+    automatic = verdict(records)
+    if calibration is None:
+        return {"outcome": automatic["outcome"], "automatic": automatic, "calibrated": None, "targets_met": None}
+    calibrated = verdict(records, calibration=calibration)
+    same = automatic["outcome"] == calibrated["outcome"]
+    outcome = automatic["outcome"] if targets_met or same else "inconclusive (reading)"
+    return {"outcome": outcome, "automatic": automatic, "calibrated": calibrated, "targets_met": targets_met}
+
+
+def cell_lines(records, cells, calibration=None):
+    """The table of cell means (t-intervals over seeds), the aligned and base rows first (Wilson over prompts; with
+    a calibration, their calibrated shares alone)."""
     keys = sorted({(m, p) for m, p, _ in cells}, key=lambda k: (list(METHOD_NAMES).index(k[0]), k[1]))
     lines = ["| method | p | seeds | " + " | ".join(LABELS[x] for x in METRICS[:8]) + " |",
              "|---|---|---|" + "---|" * 8]
     for r in sorted((r for r in records if r["method"] in REFERENCES), key=lambda r: REFERENCES.index(r["method"])):
-        stats = reference_row(r)
-        lines.append(f"| {r['method']} | - | - | " + " | ".join(fmt(stats[x]) for x in METRICS[:8]) + " |")
+        if calibration is None:
+            stats = reference_row(r)
+            values = [fmt(stats[x]) for x in METRICS[:8]]
+        else:
+            metrics = run_metrics(r, calibration)
+            values = ["-" if metrics[x] is None else f"{metrics[x]:.1f}" for x in METRICS[:8]]
+        lines.append(f"| {r['method']} | - | - | " + " | ".join(values) + " |")
     for m, p in keys:
         seeds = sorted(s for mm, pp, s in cells if (mm, pp) == (m, p))
-        stats = [t_interval([cells[(m, p, s)][x] for s in seeds]) for x in METRICS[:8]]
-        lines.append(f"| {METHOD_NAMES[m]} | {p:g} | {len(seeds)} | " + " | ".join(fmt(s) for s in stats) + " |")
-    out = verdict(records)
-    lines += ["", "Paired differences (per seed: the same data, order and initialisation; 95% t-interval, n - 1 df):",
-              "", "| difference | p | metric | mean [95% CI] | per seed |", "|---|---|---|---|---|"]
+        values = []
+        for x in METRICS[:8]:
+            per_seed = [cells[(m, p, s)][x] for s in seeds]
+            values.append("-" if None in per_seed else fmt(t_interval(per_seed)))
+        lines.append(f"| {METHOD_NAMES[m]} | {p:g} | {len(seeds)} | " + " | ".join(values) + " |")
+    return lines, keys
+
+
+def difference_lines(cells, keys):
+    """Section 8's paired differences with their per-seed values ("-" where a calibrated share is unreadable)."""
+    lines = ["| difference | p | metric | mean [95% CI] | per seed |", "|---|---|---|---|---|"]
     for (a, b) in (("surgery", "sft"), ("control", "sft"), ("surgery", "control")):
-        for p in sorted({p for _, p in keys}, reverse=True):
+        ran = {p for m, p in keys if m == a} & {p for m, p in keys if m == b}
+        for p in sorted(ran, reverse=True):
             for x in METRICS[:8]:
                 d = paired(cells, a, b, p, x)
-                if d is not None:
-                    lines.append(f"| {METHOD_NAMES[a]} - {METHOD_NAMES[b]} | {p:g} | {LABELS[x]} | "
-                                 f"{fmt((d['mean'], d['low'], d['high']))} | "
-                                 + ", ".join(f"{v:+.1f}" for v in d["per_seed"].values()) + " |")
+                row = f"| {METHOD_NAMES[a]} - {METHOD_NAMES[b]} | {p:g} | {LABELS[x]} | "
+                lines.append(row + ("- | - |" if d is None else f"{fmt((d['mean'], d['low'], d['high']))} | "
+                                    + ", ".join(f"{v:+.1f}" for v in d["per_seed"].values()) + " |"))
+    return lines
+
+
+def verdict_line(out, reading):
     failed = [k for k, v in out["A"].items() if not v]
-    lines += ["", f"**Verdict (PROTOCOL.md section 9, automatic categories): {out['outcome']}.** "
-                  f"A clauses failed: {', '.join(failed) or 'none'}; B1: {'; '.join(out['B1']) or 'none'}; "
-                  f"B2: {'holds' if out['B2'] else 'does not hold'}. The control: {out['control']}."]
+    return (f"Section 9 on the {reading}: **{out['outcome']}**. A clauses failed: {', '.join(failed) or 'none'}; "
+            f"B1: {'; '.join(out['B1']) or 'none'}; B2: {'holds' if out['B2'] else 'does not hold'}. The control: "
+            f"{out['control']}.")
+
+
+def markdown(records, calibration=None, targets_met=None):
+    """The main grid's tables in each reading (automatic categories; label-calibrated shares when sample 2's
+    calibration is given): cell means, the paired differences of section 9 with their per-seed values, and the
+    verdict with the clauses that decided it, then section 3's rule between the readings."""
+    final = reading_verdict(records, calibration, targets_met)
+    lines = []
+    for name, cal, out in (("automatic categories", None, final["automatic"]),
+                           ("label-calibrated shares", calibration, final["calibrated"])):
+        if out is None:
+            continue
+        cells = by_cell(records, cal)
+        table, keys = cell_lines(records, cells, cal)
+        lines += [f"### Reading: {name}", "", *table, "", "Paired differences (per seed: the same data, order and "
+                  "initialisation; 95% t-interval, n - 1 df):", "", *difference_lines(cells, keys), "",
+                  verdict_line(out, name), ""]
+    if calibration is None:
+        lines.append(f"**Verdict (PROTOCOL.md section 9, automatic categories; sample 2 not labelled yet, so no "
+                     f"calibrated reading): {final['outcome']}.**")
+    else:
+        case = "targets met: the automatic reading decides" if targets_met else \
+            "a kappa target missed: a verdict only where both readings agree"
+        lines.append(f"**Verdict (PROTOCOL.md sections 3 and 9; {case}): {final['outcome']}.**")
     return "\n".join(lines) + "\n"

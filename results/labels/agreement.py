@@ -2,6 +2,8 @@
 """How far each automatic reading of the answers agrees with the blind labels (labels.jsonl, RUBRIC.md).
 
     python results/labels/agreement.py            # prints the tables (markdown) that results/labels/README.md quotes
+    python results/labels/agreement.py --sample 2 # sample 2 (PROTOCOL.md section 3): writes sample2/agreement.md
+                                                  # and sample2/calibration.json, which the third sweep's report reads
 
 Joins labels.jsonl to sample_key.jsonl, then reads each labelled answer's automatic verdicts from its run JSON:
 the keyword and embedding judges' harmful flags (`harmful_flags`, the second sweep's HS) and the keyword refusal
@@ -9,15 +11,25 @@ flag of benign answers (`benign_refused`). Run JSONs that carry per-answer categ
 `benign_categories`: issue 18's reading, evaluation/categories.py) are compared category by category as well: per
 kind the confusion matrix, Cohen's kappa, each category against the rest, and broken vs not pooled over both kinds;
 then the same for the categoriser's first version (FIRST_VERSION), kept to show how much its development on these
-labels raised the agreement. Standard library only.
+labels raised the agreement.
+
+Sample 2 (the validation set, labelled after the categoriser was frozen): the two targets of section 3 with their
+bootstrap intervals, the confusion matrices, each category against the rest, the judges, the inter-rater kappa on the
+answers a second annotator labelled (labels_second.jsonl) and each reading's sensitivity and specificity per method
+family (evaluation/agreement.py), kept in calibration.json for the label-calibrated reading.
 """
+import argparse
 import collections
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+from evaluation import agreement  # noqa: E402  (the repository's own package)
+from evaluation.agreement import CATEGORIES, cohen_kappa  # noqa: E402
+
 RUNS = HERE.parent / "second-attempt" / "json"  # the second sweep's run JSONs
-CATEGORIES = {"harmful": ("refusal", "harmful", "harmless", "broken"), "benign": ("helpful", "refusal", "broken")}
 # The categoriser's first version, written from the rubric before any disagreement with these labels was read, and
 # its category of each labelled answer in the order of labels.jsonl (a001..a432): r refusal, h harmful, l harmless,
 # b broken, p helpful. It differed from evaluation/categories.py's categories-1 in five rules, each revised after
@@ -33,15 +45,6 @@ LETTERS = {"r": "refusal", "h": "harmful", "l": "harmless", "b": "broken", "p": 
 
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def cohen_kappa(pairs):
-    """Cohen's kappa of (automatic, label) pairs: agreement beyond what the two marginals give by chance."""
-    n = len(pairs)
-    observed = sum(a == b for a, b in pairs) / n
-    auto, human = collections.Counter(a for a, _ in pairs), collections.Counter(b for _, b in pairs)
-    expected = sum(auto[k] * human[k] for k in set(auto) | set(human)) / n ** 2
-    return float("nan") if expected == 1 else (observed - expected) / (1 - expected)
 
 
 def binary_row(name, pairs):
@@ -79,7 +82,65 @@ def category_tables(scored):
           f"yes, automatic no |\n|---|---|---|---|---|---|\n{binary_row('broken vs not, pooled', pooled)}")
 
 
+def sample_2(folder=HERE / "sample2", runs=HERE.parent / "json"):
+    """Section 3's validation on sample 2: prints agreement.md's tables and writes calibration.json."""
+    rows = agreement.joined(folder, runs)
+    if any(r["auto"] is None for r in rows):
+        sys.exit("a labelled answer's run JSON carries no categories: sample 2 is read against categorised runs only")
+    key = read_jsonl(folder / "sample_key.jsonl")
+    if len(rows) != len(key):
+        print(f"note: {len(rows)} of the {len(key)} drawn answers are labelled", file=sys.stderr)
+    goal = agreement.targets(rows)
+    print(f"# Sample 2: the automatic categories against blind labels (results/PROTOCOL.md section 3)\n\n"
+          f"Built by `python results/labels/agreement.py --sample 2` from `sample2/labels.jsonl`. {len(rows)} "
+          f"labelled answers; bootstrap 95% intervals over answers ({agreement.BOOTSTRAP_DRAWS} draws).\n")
+    print("| target | n | kappa [95% CI] | target met (kappa >= 0.8) |\n|---|---|---|---|")
+    for name, what in (("harmful", "harmful vs not (answers to harmful prompts)"),
+                       ("broken", "broken vs not (all answers, pooled)")):
+        g = goal[name]
+        print(f"| {what} | {g['n']} | {g['kappa']:.2f} [{g['low']:.2f}, {g['high']:.2f}] | "
+              f"{'yes' if g['met'] else 'no'} |")
+    print(f"\nBroken vs not per kind: harmful prompts {goal['broken_harmful']['kappa']:.2f}, benign requests "
+          f"{goal['broken_benign']['kappa']:.2f}. **Both targets {'met' if goal['met'] else 'not met'}**: "
+          + ("the verdict is read on the automatic categories, the calibrated reading beside." if goal["met"] else
+             "a verdict is stated only where the automatic and calibrated readings agree."))
+    category_tables([(r, r["label"], r["auto"]) for r in rows])
+    print("\nThe judges on the same labels (harmful vs not, answers to harmful prompts):\n")
+    print("| reading | n | accuracy | kappa | automatic yes, label no | label yes, automatic no |")
+    print("|---|---|---|---|---|---|")
+    for judge in ("keyword", "embedding"):
+        pairs = [(r["judges"][judge], r["label"] == "harmful") for r in rows if judge in r["judges"]]
+        if pairs:
+            print(binary_row(f"{judge} judge: harmful", pairs))
+    second = folder / "labels_second.jsonl"
+    double = None
+    if second.exists():
+        first = {r["id"]: r["label"] for r in rows}
+        double = agreement.inter_rater(first, {r["id"]: r["label"] for r in read_jsonl(second)})
+        print(f"\nInter-rater agreement, {double['n']} answers labelled by two independent annotators: kappa "
+              f"{double['all']:.2f} on the categories, {double['harmful']:.2f} harmful vs not, {double['broken']:.2f} "
+              f"broken vs not.")
+    cal = agreement.calibration(rows)
+    print("\nSensitivity and specificity of each reading per method family (95% Wilson intervals; * = too few "
+          f"labels of its own, fewer than {agreement.MIN_PER_CLASS} in or out of the category: pooled values):\n")
+    print("| reading | family | labelled in / out | Se [95% CI] | Sp [95% CI] |\n|---|---|---|---|---|")
+    for reading, families in cal.items():
+        for family, e in families.items():
+            mark = "*" if e["pooled"] and family != "pooled" else ""
+            counts = f"{e.get('own_n_in', e['n_in'])} / {e.get('own_n_out', e['n_out'])}"
+            print(f"| {reading} | {family}{mark} | {counts} | {e['se']:.2f} [{e['se_ci'][0]:.2f}, {e['se_ci'][1]:.2f}] "
+                  f"| {e['sp']:.2f} [{e['sp_ci'][0]:.2f}, {e['sp_ci'][1]:.2f}] |")
+    out = {"labelled": len(rows), "targets": goal, "inter_rater": double, "calibration": cal}
+    (folder / "calibration.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    print(f"\n(written: {folder / 'calibration.json'})")
+
+
 def main():
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser.add_argument("--sample", type=int, choices=(1, 2), default=1,
+                        help="1: the second sweep's 432 labels (in-sample); 2: the validation sample of the third sweep")
+    if parser.parse_args().sample == 2:
+        return sample_2()
     key = {row["id"]: row for row in read_jsonl(HERE / "sample_key.jsonl")}
     labels = read_jsonl(HERE / "labels.jsonl")
     runs = {}

@@ -1,7 +1,13 @@
-"""Draw the blind labelling sample (issue 18): answers of the committed sweep, stratified by (method, p).
+"""Draw a blind labelling sample (issue 18): answers of a committed sweep, stratified by (method, p).
 
     python results/labels/draw_sample.py                  # reads the prompt files under runs/eval/eval-sets/
     python results/labels/draw_sample.py --build-prompts  # first writes them there (the offline package, a few seconds)
+    python results/labels/draw_sample.py --sample 2       # sample 2: the third sweep's main grid (PROTOCOL.md sec. 3)
+
+Sample 1 (the default) is described below; sample 2 differs only where SAMPLES says: the third sweep's run JSONs
+(results/json/, the main grid and the aligned and base rows), 18 harmful and 6 benign answers per stratum, its own
+salt, written to sample2/, and a seeded subset of DOUBLE answers written again, reshuffled, to
+sample2/blind_second.jsonl for a second, independent annotator (the inter-rater kappa).
 
 Writes, next to this script:
   sample_key.jsonl  {"id", "run", "kind", "index"} per drawn answer, in id order: the only link from a blind id to
@@ -13,8 +19,8 @@ and prints the count per stratum (the table in README.md). Same inputs, same byt
 
 Answers: results/second-attempt/json/*.json, the second sweep (38 runs; one protocol fingerprint, checked).
 Strata: (method, p), 18 of them (base, aligned, SFT and Surgery at p = 0, 0.05, 0.1, 0.15, 0.2 with seeds 43-45,
-AsFT, SAP and SafetyLock at p = 0.1, 0.2 with seed 43). Per stratum HARMFUL_PER_STRATUM answers to harmful prompts and
-BENIGN_PER_STRATUM to benign requests; within a stratum the seeds take turns (6/6/5 of 17, 3/2/2 of 7) and no
+AsFT, SAP and SafetyLock at p = 0.1, 0.2 with seed 43). Per stratum 17 answers to harmful prompts and
+7 to benign requests; within a stratum the seeds take turns (6/6/5 of 17, 3/2/2 of 7) and no
 prompt repeats; over the strata the prompts are dealt from seeded permutations, so each harmful prompt is drawn
 once or twice (306 draws of 300) and each benign request at most once (126 of 160).
 
@@ -48,16 +54,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-RUNS = HERE.parent / "second-attempt" / "json"  # the second sweep's run JSONs
-SALT = "labels-v1"
-HARMFUL_PER_STRATUM, BENIGN_PER_STRATUM = 17, 7
+# sample -> where its runs are, the salt of its draws, answers per stratum (harmful, benign), where it is written,
+# and how many of its answers a second annotator labels too
+SAMPLES = {1: {"runs": HERE.parent / "second-attempt" / "json", "salt": "labels-v1", "per_stratum": (17, 7),
+               "out": HERE, "double": 0},
+           2: {"runs": HERE.parent / "json", "salt": "labels-v2", "per_stratum": (18, 6), "out": HERE / "sample2",
+               "double": 60}}
 N_HARMFUL, N_BENIGN, EVAL_SEED, DATA_SEED = 300, 160, 43, 0
 PROMPT_SHA256 = {  # of the two prompt files the sweep was evaluated on (see the docstring)
     "harmful": "e68a7359562b077d8bf34f8ca1c3bbf5dec45283dc4e8114202ed6b1fb7301b4",
     "benign": "c66bf178b925c2ab71ee03f17d11cea5cb6073e8c7a80404c2dea0999e75b3c5",
 }
 PATTERN = {"harmful": f"eval_harmful_{N_HARMFUL}_*.jsonl", "benign": f"eval_benign_{N_BENIGN}_*.jsonl"}
-METHOD_ORDER = ["base", "aligned", "sft", "surgery", "asft", "sap", "safetylock"]
+METHOD_ORDER = ["base", "aligned", "sft", "surgery", "control", "asft", "sap", "safetylock"]
 
 
 def sha256(path):
@@ -102,12 +111,17 @@ def prompt_source(record):
     return str(record.get("source", "")).split("==")[0] or "unlabelled"
 
 
-def read_runs():
+def read_runs(folder, sample):
+    """The run JSONs of the sample's sweep (sample 2: those marked sweep "third" alone)."""
     runs = {}
-    for path in sorted(RUNS.glob("*.json")):
+    for path in sorted(Path(folder).glob("*.json")):
         with open(path, encoding="utf-8") as f:
-            runs[path.stem] = json.load(f)
-    assert len({r["fingerprint"] for r in runs.values()}) == 1, "run JSONs of more than one protocol"
+            run = json.load(f)
+        if sample == 1 or run.get("sweep") == "third":
+            runs[path.stem] = run
+    if not runs:
+        sys.exit(f"no run JSON of sample {sample}'s sweep in {folder}")
+    assert len({r.get("fingerprint") for r in runs.values()}) == 1, "run JSONs of more than one protocol"
     return runs
 
 
@@ -177,12 +191,13 @@ def dealer(n, rng):
     return take
 
 
-def draw(groups, runs):
+def draw(groups, runs, salt, per_stratum):
+    """[{run, kind, index, id}]: per stratum per_stratum = (harmful, benign) answers, shuffled together."""
     items = []
-    for kind, n, per in (("harmful", N_HARMFUL, HARMFUL_PER_STRATUM), ("benign", N_BENIGN, BENIGN_PER_STRATUM)):
-        take = dealer(n, random.Random(f"{SALT}:{kind}:prompts"))
+    for kind, n, per in (("harmful", N_HARMFUL, per_stratum[0]), ("benign", N_BENIGN, per_stratum[1])):
+        take = dealer(n, random.Random(f"{salt}:{kind}:prompts"))
         for (method, p), names in groups.items():
-            rng = random.Random(f"{SALT}:{kind}:{method}:{p}")
+            rng = random.Random(f"{salt}:{kind}:{method}:{p}")
             order = names[:]
             rng.shuffle(order)  # which seeds get the extra answers
             slots = [order[i % len(order)] for i in range(per)]
@@ -190,10 +205,16 @@ def draw(groups, runs):
             for run, index in zip(slots, take(per)):
                 items.append({"run": run, "kind": kind, "index": index})
     assert len({(i["run"], i["kind"], i["index"]) for i in items}) == len(items)
-    random.Random(f"{SALT}:blind").shuffle(items)
+    random.Random(f"{salt}:blind").shuffle(items)
     for k, item in enumerate(items, start=1):
         item["id"] = f"a{k:03d}"
     return items
+
+
+def second_annotator(items, salt, n):
+    """n of the drawn answers, chosen and ordered at random (seeded), for the second annotator."""
+    chosen = random.Random(f"{salt}:double").sample(items, min(n, len(items)))
+    return sorted(chosen, key=lambda i: random.Random(f"{salt}:double:{i['id']}").random())
 
 
 def table(groups, runs, items):
@@ -223,20 +244,33 @@ def main():
                         help="where eval.py wrote eval_harmful_300_*.jsonl and eval_benign_160_*.jsonl")
     parser.add_argument("--build-prompts", action="store_true",
                         help="write the two prompt files into --prompts-dir first, with the offline package")
-    parser.add_argument("--out", type=Path, default=HERE, help="folder for sample_key.jsonl and blind.jsonl")
+    parser.add_argument("--sample", type=int, choices=sorted(SAMPLES), default=1,
+                        help="1: the second sweep's answers (the categoriser's development set); 2: the third sweep's "
+                             "main grid, drawn after it (the validation set)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for sample_key.jsonl and blind.jsonl (default: this folder for sample 1, "
+                             "sample2/ for sample 2)")
     args = parser.parse_args()
+    sample = SAMPLES[args.sample]
+    out = args.out or sample["out"]
     if args.build_prompts:
         build_prompts(args.prompts_dir)
-    prompts, runs = read_prompts(args.prompts_dir), read_runs()
+    prompts, runs = read_prompts(args.prompts_dir), read_runs(sample["runs"], args.sample)
     check_alignment(prompts, runs)
     groups = strata(runs)
-    items = draw(groups, runs)
-    write_jsonl(args.out / "sample_key.jsonl",
+    items = draw(groups, runs, sample["salt"], sample["per_stratum"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    def blind(rows):
+        return [{"id": i["id"], "kind": i["kind"], "prompt": prompts[i["kind"]][i["index"]]["instruction"],
+                 "answer": runs[i["run"]][f"{i['kind']}_answers"][i["index"]]} for i in rows]
+    write_jsonl(out / "sample_key.jsonl",
                 [{"id": i["id"], "run": i["run"], "kind": i["kind"], "index": i["index"]} for i in items])
-    write_jsonl(args.out / "blind.jsonl",
-                [{"id": i["id"], "kind": i["kind"], "prompt": prompts[i["kind"]][i["index"]]["instruction"],
-                  "answer": runs[i["run"]][f"{i['kind']}_answers"][i["index"]]} for i in items])
-    print(f"wrote {args.out / 'sample_key.jsonl'} and {args.out / 'blind.jsonl'}: {len(items)} answers")
+    write_jsonl(out / "blind.jsonl", blind(items))
+    print(f"wrote {out / 'sample_key.jsonl'} and {out / 'blind.jsonl'}: {len(items)} answers")
+    if sample["double"]:
+        write_jsonl(out / "blind_second.jsonl", blind(second_annotator(items, sample["salt"], sample["double"])))
+        print(f"wrote {out / 'blind_second.jsonl'}: {sample['double']} of them, for the second annotator")
     print(table(groups, runs, items))
 
 
