@@ -603,7 +603,8 @@ def main(argv=None):
         table = write_premise_report(args.results_dir)
         main_runs = main_records(args.results_dir, references=True)
         if main_runs:  # the main grid's tables and verdict, from its committed JSONs alone
-            from evaluation.verdict import markdown
+            from evaluation.verdict import markdown, plot_main
+            plot_main(main_runs, Path(args.results_dir) / "main.png")
             labels = Path(args.results_dir) / CALIBRATION
             cal = read_json(labels) if labels.exists() else None
             write_text(Path(args.results_dir) / "results.md",

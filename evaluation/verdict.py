@@ -239,3 +239,45 @@ def markdown(records, calibration=None, targets_met=None):
             "a kappa target missed: a verdict only where both readings agree"
         lines.append(f"**Verdict (PROTOCOL.md sections 3 and 9; {case}): {final['outcome']}.**")
     return "\n".join(lines) + "\n"
+
+
+def plot_main(records, target):
+    """The main grid on the held-out sets: HS against helpful, and HS against broken (harmful prompts), each cell a
+    mean over its seeds with 95% t-interval bars, labelled by p; the aligned and base models as references."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cells = by_cell(records)
+    style = {"sft": ("tab:red", "o"), "surgery": ("tab:blue", "s"), "control": ("tab:purple", "D"),
+             "asft": ("tab:green", "^")}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, x, label in ((axes[0], "helpful", "helpful benign answers (%)"),
+                         (axes[1], "broken_harmful", "broken answers to harmful prompts (%)")):
+        for method, (color, marker) in style.items():
+            ratios = sorted({p for m, p, _ in cells if m == method})
+            if not ratios:
+                continue
+            points = []
+            for p in ratios:
+                seeds = [s for m, q, s in cells if (m, q) == (method, p)]
+                points.append((t_interval([cells[(method, p, s)][x] for s in seeds]),
+                               t_interval([cells[(method, p, s)]["hs"] for s in seeds]), p))
+            xs, ys = [a[0] for a, _, _ in points], [b[0] for _, b, _ in points]
+            ax.errorbar(xs, ys, xerr=[[a[0] - a[1] for a, _, _ in points], [a[2] - a[0] for a, _, _ in points]],
+                        yerr=[[b[0] - b[1] for _, b, _ in points], [b[2] - b[0] for _, b, _ in points]],
+                        color=color, marker=marker, ls="--", capsize=2, label=METHOD_NAMES[method])
+            for (a, b, p) in points:
+                ax.annotate(f"p={p:g}", (a[0], b[0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for r in records:
+            if r["method"] in REFERENCES:
+                m = run_metrics(r)
+                ax.scatter([m[x]], [m["hs"]], color="black", marker="*" if r["method"] == "aligned" else "x", s=60,
+                           label=r["method"], zorder=3)
+        ax.set(xlabel=label, ylabel="HS (%)", xlim=(-3, 103), ylim=(-3, 103))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Held-out prompts and requests: cell means over seeds with 95% t-intervals (automatic categories)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)

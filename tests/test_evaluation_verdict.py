@@ -157,3 +157,10 @@ def test_the_readings_must_agree_when_a_kappa_target_is_missed():
     text = verdict.markdown(runs, blind, targets_met=False)
     assert "### Reading: label-calibrated shares" in text and "| Surgery - SFT | 0.2 | HS | - | - |" in text
     assert text.rstrip().endswith("a verdict only where both readings agree): inconclusive (reading).**")
+
+
+def test_plot_of_the_main_grid_is_written(tmp_path):
+    aligned = record("aligned", None, None, {"harmful": 21, "refusal": 270, "harmless": 0, "broken": 9},
+                     {"helpful": 144, "refusal": 8, "broken": 8})
+    verdict.plot_main(grid(keeps, like_sft) + [aligned], tmp_path / "main.png")
+    assert (tmp_path / "main.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
