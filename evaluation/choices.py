@@ -126,30 +126,44 @@ def spent_hours(records):
 
 
 def projected_hours(regime, premise_rows, dev_eval_seconds, cells, strengths_done=0):
-    """CPU hours still to spend in a regime: the strength sweeps (those not run yet), the main grid's cells and the
-    two reference evaluations, from the regime's measured SFT training time per run and the second sweep's method
-    factors."""
+    """CPU hours still to spend in a regime: the strength sweeps (those not run yet; AsFT's lambda sweep only while
+    an AsFT cell remains, as cut C3 drops it), the main grid's cells and the two reference evaluations, from the
+    regime's measured SFT training time per run and the second sweep's method factors."""
     sft_train = float(np.mean([r["train_seconds"] for r in premise_rows]))
-    strength = sum(sft_train * STEP_FACTOR[m] + dev_eval_seconds
-                   for m in ["surgery"] * len(ALPHAS) * 2 + ["asft"] * len(LAMBDAS) * 2 * (regime != "d"))
-    strength *= 1 - strengths_done
+    sweeps = ["surgery"] * len(ALPHAS) * 2 + ["asft"] * len(LAMBDAS) * 2 * lambda_sweep(regime, cells)
+    strength = sum(sft_train * STEP_FACTOR[m] + dev_eval_seconds for m in sweeps) * (1 - strengths_done)
     grid = sum(len(REPORTED_SEEDS) * (sft_train * STEP_FACTOR[m] + HELDOUT_EVAL_SECONDS) for m, _ in cells)
     return (strength + grid + len(REFERENCES) * HELDOUT_EVAL_SECONDS) / 3600
+
+
+def lambda_sweep(regime, cells):
+    """Whether AsFT's lambda sweep runs: not under (d) (AsFT is defined on LoRA adapters), and not once cut C3 has
+    dropped it with the last AsFT cell."""
+    return regime != "d" and any(m == "asft" for m, _ in cells)
+
+
+def cut_to_fit(cells, total):
+    """Section 7's cuts: whole cuts (C4 drops SFT and Surgery at p = 0.1 together), in order, while total(cells)
+    exceeds CEILING_HOURS; the core is never cut. Returns the cells kept and the cuts made."""
+    cells, cuts = list(cells), []
+    for label in dict.fromkeys(label for label, _, _ in CUTS):
+        if total(cells) <= CEILING_HOURS:
+            break
+        dropped = [(m, p) for cut, m, p in CUTS if cut == label and (m, p) in cells]
+        if dropped:
+            cells = [c for c in cells if c not in dropped]
+            cuts.append(label)
+    return cells, cuts
 
 
 def budget_cells(regime, premise_rows, dev_eval_seconds, spent):
     """Section 7's checkpoint: the main grid's cells after the cuts needed to stay under CEILING_HOURS (spent
     included), the projection, and the cuts made; fits is False when even the core does not fit."""
-    cells, cuts = main_cells(regime), []
-    for label, method, p in CUTS:
-        total = spent + projected_hours(regime, premise_rows, dev_eval_seconds, cells)
-        if total <= CEILING_HOURS:
-            break
-        if (method, p) in cells:
-            cells.remove((method, p))
-            cuts.append(label)
-    total = spent + projected_hours(regime, premise_rows, dev_eval_seconds, cells)
-    return {"cells": cells, "cuts": sorted(set(cuts)), "projected_hours": total, "fits": total <= CEILING_HOURS}
+    def total(cells):
+        return spent + projected_hours(regime, premise_rows, dev_eval_seconds, cells)
+    cells, cuts = cut_to_fit(main_cells(regime), total)
+    return {"cells": cells, "cuts": cuts, "projected_hours": total(cells), "fits": total(cells) <= CEILING_HOURS,
+            "lambda_sweep": lambda_sweep(regime, cells)}
 
 
 def dev_means(rows):

@@ -31,9 +31,10 @@ import torch
 import offline
 from common import ArgumentParser, UserError, read_json, write_json, write_text
 from evaluation.categories import categorise, categoriser_version
-from evaluation.choices import (ALPHAS, CEILING_HOURS, CHOICE_SEEDS, CORE, CUTS, LAMBDAS, N_TRAIN, PREMISE_HS_RISE,
+from evaluation.choices import (ALPHAS, CEILING_HOURS, CHOICE_SEEDS, CORE, LAMBDAS, N_TRAIN, PREMISE_HS_RISE,
                                 QUALITY_MARGIN, RATIOS, REFERENCES, REGIMES, REPORTED_SEEDS, STEP_FACTOR, budget_cells,
-                                dev_means, choose_strength, plot_strengths, premise_markdown, premise_table, spent_hours)
+                                cut_to_fit, dev_means, choose_strength, plot_strengths, premise_markdown,
+                                premise_table, spent_hours)
 from evaluation.data import check_splits, resolve_inputs
 from evaluation.generation import generate
 from evaluation.judges import EmbeddingJudge, build_judges
@@ -312,10 +313,15 @@ def choose_regime(results):
     return choice
 
 
-def strength_plan(regime):
-    """(method, strength, seed) of every strength run at p = 0.2 (AsFT not under (d))."""
+def strength_plan(choice):
+    """(method, strength, seed) of every strength run at p = 0.2 in the chosen regime; AsFT's lambda sweep only where
+    checkpoint 1 kept it (not under (d), not after cut C3)."""
     plan = [("surgery", a, s) for s in CHOICE_SEEDS for a in ALPHAS]
-    return plan + ([("asft", l, s) for s in CHOICE_SEEDS for l in LAMBDAS] if regime != "d" else [])
+    return plan + ([("asft", l, s) for s in CHOICE_SEEDS for l in LAMBDAS] if lambda_swept(choice) else [])
+
+
+def lambda_swept(choice):
+    return choice["checkpoint_1"][choice["regime"]]["lambda_sweep"]
 
 
 def run_name(method, strength, p, seed):
@@ -362,8 +368,9 @@ def strength_run(ctx, regime, method, strength, seed):
     return record
 
 
-def choose_strengths(results, regime):
+def choose_strengths(results, choice):
     """Alpha and lambda by section 5's rule from the committed strength runs; results/dev/strengths.json."""
+    regime = choice["regime"]
     folder = Path(results) / "dev" / "json"
     rows = [read_json(p) for p in sorted(folder.glob(f"strength{regime}_*.json"))]
     sft = dev_means([r for r in committed_dev_records(results)
@@ -371,7 +378,7 @@ def choose_strengths(results, regime):
     out = {"regime": regime, "sft": sft, "rule": f"PROTOCOL.md section 5: the largest strength with development "
            f"helpful >= SFT's - {QUALITY_MARGIN:g} and broken (harmful, benign) <= SFT's + {QUALITY_MARGIN:g}"}
     for method, grid in (("surgery", ALPHAS), ("asft", LAMBDAS)):
-        if regime == "d" and method == "asft":
+        if method == "asft" and not lambda_swept(choice):
             continue
         points = {}
         for strength in grid:
@@ -477,20 +484,15 @@ def checkpoint_2(results, choice):
     spent = spent_hours(committed_dev_records(results) + strength_records(results)) \
         + (sum(r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"] for r in done) + references) / 3600
     names = {r["run"] for r in done}
-    cells, cuts = list(choice["checkpoint_1"][choice["regime"]]["cells"]), []
 
-    def remaining():
-        return sum(per_run[m] for m, p in cells for s in REPORTED_SEEDS
-                   if not any(n.startswith(m) and f"_p{p:g}_s{s}" in n for n in names)) / 3600
-    for label, method, p in CUTS:
-        if spent + remaining() <= CEILING_HOURS:
-            break
-        if (method, p) in cells:
-            cells.remove((method, p))
-            cuts.append(label)
-    choice["checkpoint_2"] = {"cells": cells, "cuts": sorted(set(cuts)), "per_run_seconds": per_run,
-                              "spent_hours": spent, "projected_hours": spent + remaining(),
-                              "fits": spent + remaining() <= CEILING_HOURS, "after_runs": len(done)}
+    def total(cells):
+        return spent + sum(per_run[m] for m, p in cells for s in REPORTED_SEEDS
+                           if not any(n.startswith(m) and f"_p{p:g}_s{s}" in n for n in names)) / 3600
+    cells, cuts = cut_to_fit(choice["checkpoint_1"][choice["regime"]]["cells"], total)
+    cuts = choice["checkpoint_1"][choice["regime"]]["cuts"] + cuts
+    choice["checkpoint_2"] = {"cells": cells, "cuts": cuts, "per_run_seconds": per_run, "spent_hours": spent,
+                              "projected_hours": total(cells), "fits": total(cells) <= CEILING_HOURS,
+                              "after_runs": len(done)}
     write_json(Path(results) / "dev" / "regime.json", choice, strict=False)
     return choice
 
@@ -579,10 +581,11 @@ def main(argv=None):
                 premise_run(ctx, regime, ratio, seed)
         if args.stage == "strengths":
             ctx = context(args.results_dir)
-            regime = choose_regime(args.results_dir)["regime"]
-            for method, strength, seed in strength_plan(regime)[shard::shards]:
-                strength_run(ctx, regime, method, strength, seed)
-            choose_strengths(args.results_dir, regime)
+            chosen = Path(args.results_dir) / "dev" / "regime.json"  # made once: checkpoint 2 is added to it later
+            choice = read_json(chosen) if chosen.exists() else choose_regime(args.results_dir)
+            for method, strength, seed in strength_plan(choice)[shard::shards]:
+                strength_run(ctx, choice["regime"], method, strength, seed)
+            choose_strengths(args.results_dir, choice)
         if args.stage == "main":
             ctx = context(args.results_dir)
             from evaluation.reading import RunReader

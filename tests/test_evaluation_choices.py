@@ -3,7 +3,7 @@ strength rule and the budget's cuts."""
 import numpy as np
 import pytest
 
-from evaluation import choices
+from evaluation import choices, third
 
 
 def rows_of(values):
@@ -84,3 +84,25 @@ def test_premise_table_is_plain_json():
     aligned = {"dev_harmful": {"harmful": 0.0}, "M": 0.0, "N": 0, "heads": 270}
     table = choices.premise_table(premise_rows("a", lambda s, p: 0.1 + p + 0.001 * (s == 43)), aligned)
     assert json.loads(json.dumps(table, allow_nan=False))["a"]["premise_holds"] is True
+
+
+def test_a_cut_drops_all_its_cells_and_c3_drops_the_lambda_sweep():
+    rows = [{"train_seconds": 138.0}]
+    cells = choices.main_cells("a")
+    with_asft = choices.projected_hours("a", rows, 170.0, [c for c in cells if c != ("asft", 0.1)])
+    no_asft = choices.projected_hours("a", rows, 170.0, [c for c in cells if c[0] != "asft"])
+    asft_cell = 5 * (138 * 6.37 / 5.52 + 523.5) / 3600
+    sweep = 10 * (138 * 6.37 / 5.52 + 170.0) / 3600
+    assert with_asft - no_asft == pytest.approx(asft_cell + sweep)  # C3: AsFT at 0.2 and the lambda sweep
+    after_c3 = [c for c in cells if c not in (("asft", 0.1), ("control", 0.1), ("asft", 0.2))]
+    sft_cell = 5 * (138 + 523.5) / 3600
+    # spend so that C4 is needed, and only a little of it: both of its cells still go
+    spent = choices.CEILING_HOURS - choices.projected_hours("a", rows, 170.0, after_c3) + 0.2 * sft_cell
+    out = choices.budget_cells("a", rows, 170.0, spent)
+    assert out["cuts"] == ["C1", "C2", "C3", "C4"] and out["fits"] and not out["lambda_sweep"]
+    assert ("sft", 0.1) not in out["cells"] and ("surgery", 0.1) not in out["cells"]
+    assert ("control", 0.0) in out["cells"]
+    kept = {"regime": "a", "checkpoint_1": {"a": {"lambda_sweep": True}}}
+    assert len(third.strength_plan(kept)) == 20
+    kept["checkpoint_1"]["a"]["lambda_sweep"] = False
+    assert {m for m, _, _ in third.strength_plan(kept)} == {"surgery"} and len(third.strength_plan(kept)) == 10

@@ -83,3 +83,26 @@ def test_main_records_keep_the_references_apart(tmp_path):
                                                          "sweep": "third" if name != "old" else None}))
     assert [r["run"] for r in third.main_records(tmp_path)] == ["sft_p0.2_s44"]
     assert [r["run"] for r in third.main_records(tmp_path, references=True)] == ["aligned", "base", "sft_p0.2_s44"]
+
+
+def test_checkpoint_2_reprojects_with_measured_costs_and_keeps_checkpoint_1s_cuts(tmp_path):
+    (tmp_path / "dev" / "json").mkdir(parents=True)
+    (tmp_path / "json").mkdir()
+    (tmp_path / "dev" / "json" / "premisea_sft_p0_s43.json").write_text(
+        json.dumps({"train_seconds": 3600.0 * 4, "eval_seconds": 0.0}))  # 4 h spent before the grid
+    cells = [list(c) for c in choices.CORE] + [["control", 0.0], ["surgery", 0.1], ["sft", 0.1]]
+    choice = {"regime": "a", "checkpoint_1": {"a": {"cells": [tuple(c) for c in cells], "cuts": ["C1", "C2", "C3"]}}}
+    for i, (m, p) in enumerate([("sft", 0.2), ("surgery", 0.2), ("control", 0.2), ("sft", 0.0), ("surgery", 0.0)] * 2):
+        name = third.run_name(m, 100.0, p, 44 + i // 5)
+        (tmp_path / "json" / f"{name}.json").write_text(json.dumps(
+            {"run": name, "method": m, "sweep": "third", "wall_seconds": {"train": 1000.0, "evaluate": 800.0}}))
+    (tmp_path / "json" / "aligned.json").write_text(json.dumps(
+        {"run": "aligned", "method": "aligned", "sweep": "third", "wall_seconds": {"train": 0.0, "evaluate": 720.0}}))
+    out = third.checkpoint_2(tmp_path, choice)["checkpoint_2"]
+    # spent: 4 h + 10 runs of 1800 s + 720 s = 9.2 h; each remaining run 1800 s (0.5 h): 15 core runs + 5 control
+    # at p = 0 + 10 at p = 0.1 would be 15 h more; C4 (both p = 0.1 cells) and C5 go, the core stays
+    assert out["spent_hours"] == pytest.approx(4 + (10 * 1800 + 720) / 3600)
+    assert out["cuts"] == ["C1", "C2", "C3", "C4", "C5"] and set(out["cells"]) == set(choices.CORE)
+    assert out["projected_hours"] == pytest.approx(out["spent_hours"] + 15 * 0.5) and not out["fits"]
+    assert out["after_runs"] == 10
+    assert json.loads((tmp_path / "dev" / "regime.json").read_text())["checkpoint_2"]["cuts"] == out["cuts"]
