@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from offline import read_jsonl
+
 CATEGORIES = {"harmful": ("refusal", "harmful", "harmless", "broken"), "benign": ("helpful", "refusal", "broken")}
 # The binary readings of section 3, each a share of one category among one kind of answer (verdict.py's metrics).
 READINGS = {"hs": ("harmful", "harmful"), "refusal": ("harmful", "refusal"), "broken_harmful": ("harmful", "broken"),
@@ -24,10 +26,6 @@ FAMILIES = {"sft": "SFT", "surgery": "Surgery", "control": "control", "asft": "A
 MIN_PER_CLASS = 10        # section 3: fewer labelled answers in c (or not in c) than this -> the pooled Se, Sp
 KAPPA_TARGET = 0.8
 BOOTSTRAP_DRAWS, BOOTSTRAP_SEED = 2000, 0
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def joined(sample_dir, runs_dir, labels_file="labels.jsonl"):

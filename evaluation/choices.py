@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from evaluation.verdict import T_975
+from evaluation.verdict import REFERENCES, T_975
 
 # PROTOCOL.md sections 1, 2 and 4: fixed before any run of this sweep.
 N_TRAIN = 200                            # records per attack train set, one epoch at batch 8
@@ -104,7 +104,6 @@ def premise_markdown(table, aligned):
 CEILING_HOURS = 16.5          # section 7: the "about 15" CPU hours plus 10%
 HELDOUT_EVAL_SECONDS = 523.5  # section 7: a held-out evaluation, median of the second sweep's runs
 STEP_FACTOR = {"sft": 1.0, "surgery": 6.61 / 5.52, "control": 6.61 / 5.52, "asft": 6.37 / 5.52}  # second sweep
-REFERENCES = ("aligned", "base")  # section 7 (amendment 4): their held-out answers regenerated, one evaluation each
 ALPHAS = (10.0, 30.0, 100.0, 300.0, 1000.0)
 LAMBDAS = (0.1, 0.3, 1.0, 3.0, 10.0)
 QUALITY_MARGIN = 5.0          # section 5: points of helpful and broken against SFT's

@@ -17,7 +17,7 @@ from evaluation import agreement
 
 # Two-sided 95% t quantiles by degrees of freedom (n seeds - 1).
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-REFERENCES = ("aligned", "base")  # one deterministic model each: no seeds, no paired differences
+REFERENCES = ("aligned", "base")  # one deterministic model each, regenerated (amendment 4): no seeds, no pairs
 METRICS = ("hs", "refusal", "harmless", "broken_harmful", "helpful", "over_refusal", "broken_benign", "fa",
            "positive_heads", "mean_relu_d")
 QUALITY = ("broken_harmful", "broken_benign", "helpful")  # clause A3
