@@ -411,21 +411,28 @@ def main_plan(choice, strengths):
 
 def main_run(ctx, regime, method, strength, p, seed, reader):
     """One run of the main grid: trained, evaluated on the held-out sets, categorised, its JSON in results/json/."""
-    from evaluation.generation import evaluate_stage
-    from evaluation.report import run_record
     name = run_name(method, strength, p, seed)
     target = ctx.results / "json" / f"{name}.json"
     if target.exists():
         print(f"[committed] {name}  ({target})", flush=True)
         return read_json(target)
     trained, data, steps = attack(ctx, regime, method, strength, p, seed, "main")
-    evaluation = evaluate_stage(regime_args(ctx.args, regime), ctx.files, ctx.judges, name, trained["model"])
-    record = run_record(regime_args(ctx.args, regime), (name, method, p, strength, seed), trained, trained["model"],
-                        evaluation, trained["sink_report"]["divergence_after"], steps)
-    record.update(sweep="third", regime=regime, strength=strength, commit=code_commit(),
-                  train_data={"file": data.name, "sha256": file_digest(data)})
+    return held_out_record(ctx, regime_args(ctx.args, regime), (name, method, p, strength, seed), trained,
+                           trained["model"], trained["sink_report"]["divergence_after"], steps, reader, regime=regime,
+                           strength=strength, train_data={"file": data.name, "sha256": file_digest(data)})
+
+
+def held_out_record(ctx, args, run, trained, model_path, divergence, steps, reader, **fields):
+    """A model evaluated on the held-out sets (cached), categorised, its JSON written to results/json/<name>.json
+    with this sweep's fields; run: (name, method, p, strength, seed)."""
+    from evaluation.generation import evaluate_stage
+    from evaluation.report import run_record
+    name = run[0]
+    evaluation = evaluate_stage(args, ctx.files, ctx.judges, name, model_path)
+    record = run_record(args, run, trained, model_path, evaluation, divergence, steps)
+    record.update(sweep="third", commit=code_commit(), **fields)
     record = reader.categorised(record, ctx.results)
-    write_json(target, record, strict=False)
+    write_json(ctx.results / "json" / f"{name}.json", record, strict=False)
     counts = {c: record["harmful_categories"].count(c) for c in HARMFUL_CATEGORIES}
     print(f"{name}: harmful prompts " + ", ".join(f"{c} {n}" for c, n in counts.items())
           + f"; helpful {record['benign_categories'].count('helpful')}/{len(record['benign_categories'])}; "
@@ -437,8 +444,6 @@ def reference_run(ctx, method, reader):
     """The aligned or the base model on the held-out sets, categorised: section 7's reference rows, regenerated
     because this sweep's aligned model is the retrained one (amendment 4); results/json/<method>.json."""
     import surgery
-    from evaluation.generation import evaluate_stage
-    from evaluation.report import run_record
     target = ctx.results / "json" / f"{method}.json"
     if target.exists():
         print(f"[committed] {method}  ({target})", flush=True)
@@ -449,15 +454,8 @@ def reference_run(ctx, method, reader):
     else:
         model_path = ctx.files["model"]
         divergence = reference_divergence(ctx, *surgery.load_model(str(model_path), "cpu"))
-    evaluation = evaluate_stage(ctx.args, ctx.files, ctx.judges, method, model_path)
-    record = run_record(ctx.args, (method, method, None, 0.0, None), None, model_path, evaluation, divergence, 0)
-    record.update(sweep="third", regime=None, strength=None, commit=code_commit())
-    record = reader.categorised(record, ctx.results)
-    write_json(target, record, strict=False)
-    print(f"{method}: harmful {record['harmful_categories'].count('harmful')}/{len(record['harmful_categories'])}, "
-          f"refusal {record['harmful_categories'].count('refusal')}; helpful "
-          f"{record['benign_categories'].count('helpful')}/{len(record['benign_categories'])}", flush=True)
-    return record
+    return held_out_record(ctx, ctx.args, (method, method, None, 0.0, None), None, model_path, divergence, 0,
+                           reader, regime=None, strength=None)
 
 
 def main_records(results, references=False):
