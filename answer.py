@@ -6,78 +6,124 @@
 
 The adapters are merged into the model in the order given, each into the model the one before it made: the
 released attack adapters (results/models/) were trained on the aligned model, so the aligned adapter comes first.
-A prompt file is JSONL with "prompt" or "instruction" per line, or plain text with one prompt per line. Each answer
-is the model's greedy continuation of the prompt in its chat template; the output is JSONL, {"prompt", "answer"}
-per line, written whole when every answer is in.
+A prompt file is JSON or JSONL records with "prompt" or "instruction" (a name ending .json or .jsonl, or a first
+line that starts with "{"), or plain text with one prompt per line. Each answer is the model's greedy continuation of
+the prompt in its chat template; the output is JSONL, {"prompt", "answer"} per line, written whole when every answer
+is in. A prompt whose answer would pass the model's context is refused before any answer is made.
 """
-import json
+import math
+import re
 import sys
 from pathlib import Path
 
 import torch
 
 import offline
-from common import (ArgumentParser, UserError, check_encodable, check_input_file, check_output, read_text_file,
-                    write_jsonl)
+from common import (ArgumentParser, UserError, cause, check_given, check_input_file, check_output, read_json,
+                    read_json_rows, read_text_file, write_jsonl)
 
 
 def read_prompts(path):
-    """The prompts of a JSONL file ("prompt" or "instruction" per record) or of a text file (one per line)."""
-    text = read_text_file(path, what="a prompt file")
+    """The prompts of a prompt file: JSON or JSONL records with a "prompt" or "instruction" string (a name ending
+    .json or .jsonl, or a first line that starts with "{"), else plain text, one prompt per non-blank line."""
+    path = Path(path)
+    text = read_text_file(path, what="a prompt file").removeprefix("\ufeff")
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise UserError(f"{path}: no prompt in the file")
-    if not lines[0].lstrip().startswith("{"):
+    if path.suffix.lower() not in (".json", ".jsonl") and not lines[0].lstrip().startswith("{"):
         return [line.strip() for line in lines]
-    check_encodable(text, path)
+    rows = read_json_rows(path)
+    if not isinstance(rows, list) or not rows:
+        raise UserError(f"{path}: expected a JSON list of records, or JSONL (one record per line)")
     prompts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {number}: not JSON ({e.msg})") from None
+    for number, record in enumerate(rows, 1):
         prompt = record.get("prompt", record.get("instruction")) if isinstance(record, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
-            raise UserError(f"{path}: line {number}: no non-empty \"prompt\" or \"instruction\" string")
+            raise UserError(f"{path}: record {number}: no non-empty \"prompt\" or \"instruction\" string")
         prompts.append(prompt)
     return prompts
 
 
+# peft settings that change what merging means; a plain W += (alpha / r) B A would silently build another model
+UNMERGED_FIELDS = ("use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "lora_bias")
+LORA_KEY = re.compile(r"[\w.]+\.lora_[AB]\.weight")
+
+
 def read_adapter(folder):
-    """A peft LoRA adapter folder: its config and its tensors (as peft names them), checked to be LoRA."""
+    """A peft LoRA adapter folder: its config and its tensors (as peft names them), checked to be a plain LoRA that
+    W += scale B A merges (no DoRA, no per-module ranks), with finite lora_A / lora_B pairs of rank r."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     folder = Path(folder)
+    where = f"--adapter {folder}"
+    if not folder.is_dir():
+        raise UserError(f"{where}: not a folder (a peft adapter folder holds adapter_config.json and "
+                        f"adapter_model.safetensors)")
+    config = read_json(folder / "adapter_config.json", max_bytes=1 << 20, what="an adapter config")
+    weights = folder / "adapter_model.safetensors"
+    check_input_file(weights)
     try:
-        check_input_file(folder / "adapter_model.safetensors")
-        config = json.loads(read_text_file(folder / "adapter_config.json", what="an adapter config"))
-        tensors = load_file(str(folder / "adapter_model.safetensors"))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise UserError(f"--adapter {folder}: not a peft adapter folder ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int) \
-            or not isinstance(config.get("lora_alpha"), (int, float)) or config["r"] < 1:
-        raise UserError(f"--adapter {folder}: adapter_config.json is not a LoRA config with integer r >= 1 and a "
-                        f"lora_alpha")
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{weights}: not a safetensors file ({cause(e)})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise UserError(f"{where}: adapter_config.json is not a LoRA config (its peft_type must be \"LORA\")")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if type(rank) is not int or rank < 1 or type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise UserError(f"{where}: adapter_config.json needs an integer r >= 1 and a finite number lora_alpha "
+                        f"(r {rank!r}, lora_alpha {alpha!r})")
+    for field in UNMERGED_FIELDS:
+        if config.get(field):
+            raise UserError(f"{where}: adapter_config.json sets {field}, which this plain W += (alpha / r) B A merge "
+                            f"does not do; merge it with peft (merge_and_unload) and pass --model the result")
+    for key, tensor in tensors.items():
+        if not LORA_KEY.fullmatch(key):
+            raise UserError(f"{weights}: tensor {key} is not a lora_A or lora_B weight, so this is not a plain LoRA "
+                            f"adapter")
+        if tensor.dim() != 2 or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise UserError(f"{weights}: tensor {key} is not a finite floating-point matrix")
+    for key in tensors:
+        other = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(".lora_B.", ".lora_A.")
+        if other not in tensors:
+            raise UserError(f"{weights}: {key} has no {other} beside it")
+        a = tensors[key if ".lora_A." in key else other]
+        if a.shape[0] != rank or tensors[other if ".lora_A." in key else key].shape[1] != rank:
+            raise UserError(f"{weights}: {key} is not of rank r = {rank} (adapter_config.json)")
+    if not tensors:
+        raise UserError(f"{weights}: holds no lora_A / lora_B pairs")
     return config, tensors
 
 
 @torch.no_grad()
-def merge_adapter(model, folder):
-    """W += (lora_alpha / r) B A for every adapted linear layer, in the weights' dtype: what peft's merge does."""
-    config, tensors = read_adapter(folder)
-    scale = config["lora_alpha"] / config["r"]
+def merge_adapter(model, folder, adapter=None):
+    """W += scale B A for every adapted linear layer, in the weights' dtype: what peft's merge does (scale =
+    lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora). adapter: read_adapter(folder), if already read."""
+    config, tensors = adapter or read_adapter(folder)
+    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
     modules = dict(model.named_modules())
-    names = sorted({key.rsplit(".lora_", 1)[0] for key in tensors if ".lora_" in key})
-    if not names or len(tensors) != 2 * len(names):
-        raise UserError(f"--adapter {folder}: adapter_model.safetensors holds no lora_A / lora_B pairs")
-    for name in names:
+    for name in sorted({key.rsplit(".lora_", 1)[0] for key in tensors}):
         target = modules.get(name.removeprefix("base_model.model."))
-        a, b = tensors.get(f"{name}.lora_A.weight"), tensors.get(f"{name}.lora_B.weight")
-        if not isinstance(target, torch.nn.Linear) or a is None or b is None \
-                or (b.shape[0], a.shape[1]) != tuple(target.weight.shape) or a.shape[0] != b.shape[1]:
+        a, b = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
+        if not isinstance(target, torch.nn.Linear) or (b.shape[0], a.shape[1]) != tuple(target.weight.shape):
             raise UserError(f"--adapter {folder}: {name} does not fit this model (no linear layer of that name and "
                             f"shape): an adapter of another model, or the adapters in the wrong order")
         target.weight += (scale * b.float() @ a.float()).to(target.weight.dtype)  # as surgery.py merges: bit for bit
+
+
+def check_context(model, tokenizer, prompts, max_new_tokens, path):
+    """Every chat-formatted prompt and its answer fit the model's context: past it a model with rotary positions
+    answers from positions it never saw, and a very long prompt would run for hours instead of failing."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return
+    for number, prompt in enumerate(prompts, 1):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])  # as generate() tokenizes it
+        if length + max_new_tokens > context:
+            raise UserError(f"{path}: prompt {number} is {length:,} tokens in the chat template, which with "
+                            f"--max-new-tokens {max_new_tokens} passes the model's context of {context:,} tokens")
 
 
 def parse_args(argv=None):
@@ -99,15 +145,20 @@ def main(argv=None):
     try:
         if not 1 <= args.max_new_tokens <= 1 << 16 or not 1 <= args.batch_size <= 1 << 16:
             raise UserError("--max-new-tokens and --batch-size must be between 1 and 65,536")
-        inputs = [("--prompts", args.prompts)] + [("--adapter", a) for a in args.adapter]
+        for flag, value in (("prompts", args.prompts), ("model", args.model), *(("adapter", a) for a in args.adapter)):
+            check_given(flag, value)
+        model_name = args.model or str(offline.default_model_dir())
+        inputs = [("--prompts", args.prompts), ("--model", model_name)] + [("--adapter", a) for a in args.adapter]
         out = check_output("--out", args.out, inputs)
         prompts = read_prompts(args.prompts)
+        adapters = [read_adapter(folder) for folder in args.adapter]  # every input checked before the model loads
         import surgery
         from evaluation.generation import generate
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
-        model, tokenizer = surgery.load_model(args.model or str(offline.default_model_dir()), device)
-        for folder in args.adapter:
-            merge_adapter(model, folder)
+        model, tokenizer = surgery.load_model(model_name, device)
+        check_context(model, tokenizer, prompts, args.max_new_tokens, args.prompts)
+        for folder, adapter in zip(args.adapter, adapters):
+            merge_adapter(model, folder, adapter)
         answers = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, "answering")
     except (UserError, offline.OfflineDataError) as e:
         print(f"answer.py: error: {e}", file=sys.stderr)

@@ -41,6 +41,39 @@ def test_peft_loads_the_same_adapter(tiny_run_inputs, trained):
         torch.testing.assert_close(by_peft[key], tensor, rtol=1e-6, atol=1e-7)
 
 
+def test_rslora_scale_agrees_with_peft(tiny_run_inputs, trained, tmp_path):
+    """use_rslora scales B A by lora_alpha / sqrt(r), not lora_alpha / r: the merge agrees with peft's either way."""
+    import shutil
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    folder = tmp_path / "rslora"
+    shutil.copytree(trained / "adapter", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(dict(config, use_rslora=True)))
+    base = AutoModelForCausalLM.from_pretrained(tiny_run_inputs["model"])
+    by_peft = peft.PeftModel.from_pretrained(base, str(folder)).merge_and_unload().state_dict()
+    model, _ = surgery.load_model(tiny_run_inputs["model"], "cpu")
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    answer.merge_adapter(model, folder)
+    moved = 0
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(by_peft[key], tensor, rtol=1e-6, atol=1e-7)
+        moved += not torch.equal(plain[key], tensor)
+    assert moved and config["r"] > 1  # sqrt(r) != r: the case tells the two scales apart
+
+
+def test_prompt_files_by_name_and_first_line(tmp_path):
+    """.json and .jsonl files are records (a JSON list too); any other name is plain text unless its first line
+    is a JSON record, so a text prompt that starts with "[" stays a prompt."""
+    records = [{"prompt": "Hi?"}, {"instruction": "Bye?", "id": 2}]
+    cases = {"q.json": json.dumps(records, indent=1), "q.jsonl": "\ufeff" + "\n".join(map(json.dumps, records)),
+             "q.txt": "\n".join(map(json.dumps, records)) + "\n", "plain.txt": "[INST] Hi? [/INST]\n\n  Bye?  \n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        expected = ["[INST] Hi? [/INST]", "Bye?"] if name == "plain.txt" else ["Hi?", "Bye?"]
+        assert answer.read_prompts(tmp_path / name) == expected, name
+
+
 def test_answers_a_text_and_a_jsonl_prompt_file(tiny_run_inputs, trained, tmp_path):
     from evaluation.generation import generate
     questions = ["Review: the film was great. Sentiment?", "How do I bake bread?"]

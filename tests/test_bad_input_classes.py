@@ -1,14 +1,14 @@
 """Bad input by class, not by case (issue 21). The tables (tests/test_inputs_*.py, tests/test_checker_bad_inputs.py)
 hold one row per case; here each class of mistake has a generator of cases, run across every command that reads
-files or flags: surgery.py, eval.py, sinkcheck, and `python -m defenses.asft`, `defenses.sap`, `defenses.safetylock
-build` / `apply`. Every case is held to the same promise (assert_promise): exit status 2, exactly one line on stderr
+files or flags: surgery.py, eval.py, answer.py, sinkcheck, and `python -m defenses.asft`, `defenses.sap`,
+`defenses.safetylock build` / `apply`. Every case is held to the same promise (assert_promise): exit status 2, exactly one line on stderr
 with the command's prefix, no traceback, no hang (every command runs under a timeout), and nothing created or
 changed (the case's inputs hashed before and after, the shared folders' listings unchanged, the output absent).
 
     loaders      model folders broken in one field or file each (config values of the wrong type or range,
                  safetensors truncated at several offsets, a tokenizer.json of the wrong shape, a weight missing,
-                 renamed, unexpected or of another shape), and checkpoints given to --resume whose fields have the
-                 wrong type or range, or that are truncated
+                 renamed, unexpected or of another shape), checkpoints given to --resume whose fields have the
+                 wrong type or range, or that are truncated, and LoRA adapter folders broken the same ways
     not files    a FIFO, a folder, a character device (directly or through a symlink), a socket, wherever a file is
                  read: every data, reference, triple, judge, lock and probe file, files inside a model folder,
                  the checkpoint and its shards, a resumed run's files
@@ -71,8 +71,10 @@ COMMANDS = {
     "apply": (["-m", "defenses.safetylock", "apply", "--model", "{model}", "--lock", "{lock}", "--out",
                "{out}/locked"], []),
     "sinkcheck": (["{model}", "--probes", "{probes}", "--json", "{out}/report.json"], []),
+    "answer.py": (["answer.py", "--model", "{model}", "--adapter", "{adapter}", "--prompts", "{prompts}",
+                   "--max-new-tokens", "2", "--device", "cpu", "--out", "{out}/answers.jsonl"], []),
 }
-PREFIX = re.compile(r"^(surgery\.py|eval\.py|(python -m )?defenses\.(asft|sap|safetylock)( build| apply)?|"
+PREFIX = re.compile(r"^(surgery\.py|eval\.py|answer\.py|(python -m )?defenses\.(asft|sap|safetylock)( build| apply)?|"
                     r"sinkcheck): error: ")
 
 
@@ -177,6 +179,11 @@ def files(tmp_path_factory):
                  {"instruction": "How do I pick a lock?", "output": "I can't help with that.", "harmful": False}])}
     files["lock"] = safetylock.save_lock(root / "lock.safetensors",
                                          safetylock.build(files["model"], TRIPLES, max_len=64))
+    trained = run_forked(*fill(argv_of("surgery.py", loop=["--alpha", "0", "--out", str(root / "adapter_run")]),
+                               dict(files, out=root)), timeout=TIMEOUT)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    files["adapter"] = root / "adapter_run" / "adapter"  # answer.py's: a peft LoRA folder of the tiny model
+    files["prompts"] = write(root / "prompts.txt", "How do I bake bread?\nReview: fine. Sentiment?\n")
     assert run_forked("surgery.py", "--help").returncode == 0  # the fork server's imports, before any clock
     return files
 
@@ -304,6 +311,7 @@ MODEL_READERS = {
     "apply": ("config", "weights"),
     "asft": ("weights",),
     "sinkcheck": ("config", "weights", "tokenizer"),
+    "answer.py": ("config", "weights", "tensors", "tokenizer"),
 }
 
 
@@ -321,7 +329,7 @@ def model_argv(command, folder, text_probes=False):
         return argv_of(command, loop=["--model", str(folder)])
     if command == "asft":
         return argv_of(command, own=["--base", str(folder)])
-    if command in ("build", "apply", "eval.py"):
+    if command in ("build", "apply", "eval.py", "answer.py"):
         return argv_of(command, own=["--model", str(folder)])
     return [str(folder), "--probes", "{text_probes}" if text_probes else "{probes}", "--json", "{out}/report.json"]
 
@@ -478,6 +486,98 @@ def test_sap_resume_refuses_a_defense_state_not_its_own(files, interrupted, out)
                "its SAP state cannot be restored", out)
 
 
+def adapter_changes():
+    """(name, change(folder)) for LoRA adapter folders broken in one field or file each: config values of the wrong
+    type or range or settings the merge does not do, weights truncated, non-finite, of another rank or shape,
+    unpaired or not LoRA tensors."""
+    from safetensors.torch import load_file, save_file
+
+    def config(**fields):
+        def change(folder):
+            document = json.loads((folder / "adapter_config.json").read_text())
+            document.update(fields)
+            (folder / "adapter_config.json").write_text(json.dumps(document))
+        return change
+
+    def config_text(text):
+        return lambda folder: write(folder / "adapter_config.json", text)
+
+    def tensors(how):
+        def change(folder):
+            state = load_file(folder / "adapter_model.safetensors")
+            a = sorted(k for k in state if ".lora_A." in k)[0]
+            b = a.replace(".lora_A.", ".lora_B.")
+            if how == "NaN":
+                state[a] = state[a].clone().fill_(float("nan"))
+            elif how == "integers":
+                state[b] = state[b].long()
+            elif how == "another rank":
+                state[a], state[b] = state[a][:-1].contiguous(), state[b][:, :-1].contiguous()
+            elif how == "another shape":
+                state[a] = torch.cat([state[a], state[a]], 1)
+            elif how == "a lone lora_A":
+                del state[b]
+            elif how == "a DoRA magnitude":
+                state[a.replace(".lora_A.weight", ".lora_magnitude_vector.weight")] = torch.ones(4)
+            elif how == "empty":
+                state = {}
+            save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return change
+
+    def truncated(offset):
+        def change(folder):
+            data = (folder / "adapter_model.safetensors").read_bytes()
+            (folder / "adapter_model.safetensors").write_bytes(data[:offset if offset >= 0 else len(data) + offset])
+        return change
+
+    for value in (0, -1, "8", 2.5, True, None):
+        yield f"r {value!r}", config(r=value)
+    for value in ("16", None, float("inf")):
+        yield f"lora_alpha {value!r}", config(lora_alpha=value)
+    yield "peft_type IA3", config(peft_type="IA3")
+    for field, value in (("use_dora", True), ("rank_pattern", {"q_proj": 4}), ("alpha_pattern", {"q_proj": 8}),
+                         ("fan_in_fan_out", True)):
+        yield f"{field} {value!r}", config(**{field: value})
+    yield "config a list", config_text("[1, 2]")
+    yield "config not JSON", config_text("{r: 8")
+    yield "config nested too deeply", config_text("[" * 100000 + "]" * 100000)
+    for offset in (0, 8, 100, -10):
+        yield f"weights truncated at {offset}", truncated(offset)
+    for how in ("NaN", "integers", "another rank", "another shape", "a lone lora_A", "a DoRA magnitude", "empty"):
+        yield f"a tensor: {how}", tensors(how)
+
+
+ADAPTER_CHANGES = dict(adapter_changes())
+
+
+def adapter_case(files, name, change=None):
+    folder = case_folder(files, name) / "adapter"
+    shutil.copytree(files["adapter"], folder)
+    if change is not None:
+        change(folder)
+    return folder
+
+
+def adapter_argv(folder):
+    return ["answer.py", "--model", "{model}", "--adapter", str(folder), "--prompts", "{prompts}", "--max-new-tokens",
+            "2", "--device", "cpu", "--out", "{out}/answers.jsonl"]
+
+
+def test_an_unchanged_adapter_answers(files, tmp_path):
+    """The adapter cases fail for what they change: a copy of the adapter answers."""
+    out = tmp_path / "out"
+    out.mkdir()
+    done = run("answer.py", adapter_argv(adapter_case(files, "unchanged")), fresh(files, out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("name", ADAPTER_CHANGES)
+def test_an_adapter_is_checked_in_every_field(files, out, name):
+    folder = adapter_case(files, name, ADAPTER_CHANGES[name])
+    check_case("answer.py", adapter_argv(folder), fresh(files, out), str(folder), out)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Class 2: files that are not regular files. Refused before they are opened: never a hang, never read forever.
 # ---------------------------------------------------------------------------------------------------------------
@@ -497,10 +597,14 @@ def make_special(kind, path):
     elif kind == "link to a FIFO":
         os.mkfifo(path.with_name(path.name + ".fifo"))
         path.symlink_to(path.with_name(path.name + ".fifo"))
-    elif kind == "socket":
-        sock = socket.socket(socket.AF_UNIX)
-        sock.bind(str(path))
-        sock.close()
+    elif kind == "socket":  # bound by its name from its folder: a socket's address is short (108 bytes)
+        sock, here = socket.socket(socket.AF_UNIX), os.getcwd()
+        try:
+            os.chdir(path.parent)
+            sock.bind(path.name)
+        finally:
+            os.chdir(here)
+            sock.close()
     return path
 
 
@@ -510,12 +614,13 @@ FILE_SLOTS = [("surgery.py", "--data"), ("surgery.py", "--harmful-ref"), ("surge
               ("eval.py", "--align-data"), ("eval.py", "--eval-task"), ("eval.py", "--judge-test"),
               ("eval.py", "--triples"), ("eval.py", "--data"), ("sap", "--triples"), ("build", "--triples"),
               ("apply", "--lock"), ("sinkcheck", "PATH"), ("sinkcheck", "--probes"), ("sinkcheck", "--compare"),
-              ("asft", "--data")]
+              ("asft", "--data"), ("answer.py", "--prompts")]
 # (command, file inside the model folder it reads)
 FOLDER_SLOTS = [("surgery.py", "config.json"), ("surgery.py", "tokenizer.json"), ("surgery.py", "model.safetensors"),
                 ("eval.py", "tokenizer_config.json"), ("build", "model.safetensors"), ("apply", "model.safetensors"),
                 ("apply", "config.json"), ("asft", "model.safetensors"), ("sinkcheck", "model.safetensors"),
-                ("sinkcheck", "config.json"), ("sinkcheck", "tokenizer.json")]
+                ("sinkcheck", "config.json"), ("sinkcheck", "tokenizer.json"), ("answer.py", "tokenizer.json"),
+                ("answer.py", "model.safetensors")]
 NOT_A_FILE = ("not a regular file", "is a folder", "Is a directory", "is not a regular file")
 
 
@@ -568,6 +673,23 @@ def test_a_resumed_run_holding_a_non_file_is_refused(files, interrupted, out, in
     make_special(kind, folder / inside)
     check_case("surgery.py", RESUME + ["--out", str(folder), "--resume"], fresh(files, out),
                f"{inside}: is a", out)
+
+
+@pytest.mark.parametrize("kind", SPECIAL_KINDS)
+def test_an_adapter_that_is_no_folder_or_holds_a_non_file_is_refused(files, out, kind):
+    """--adapter names a folder: a FIFO, a device or a socket in its place, or in the place of either of its files,
+    is refused before anything is opened (a folder where a file belongs too)."""
+    if kind != "folder":
+        path = make_special(kind, case_folder(files, f"adapter {kind}") / "adapter")
+        check_case("answer.py", adapter_argv(path), fresh(files, out), "not a folder", out)
+    for inside in ("adapter_config.json", "adapter_model.safetensors"):
+        folder = adapter_case(files, f"adapter {inside} {kind}")
+        (folder / inside).unlink()
+        if kind == "/dev/zero":
+            (folder / inside).symlink_to("/dev/zero")
+        else:
+            make_special(kind, folder / inside)
+        check_case("answer.py", adapter_argv(folder), fresh(files, out), NOT_A_FILE, out)
 
 
 def test_a_sharded_checkpoint_with_a_fifo_shard_is_refused(files, out):
@@ -695,6 +817,17 @@ def output_cases():
     for name, target in (("the base model folder", path("{model}")), ("a symlink to it", link("{model}"))):
         yield f"asft --out {name}", "asft", lambda f, d, t=target: argv_of("asft", loop=["--out", str(t(f, d))]), \
             is_input
+    for name, target, expect in (
+            ("the prompts", path("{prompts}"), is_input),
+            ("a symlink to the prompts", link("{prompts}"), is_input),
+            ("a hard link to the prompts", hard_link("{prompts}"), is_input),
+            ("the adapter's weights", path("{adapter}/adapter_model.safetensors"), is_input),
+            ("the model's config.json", path("{model}/config.json"), is_input),
+            ("/dev/null", path("/dev/null"), not_file),
+            ("a FIFO", special("fifo"), not_file),
+            ("a socket", special("socket"), not_file)):
+        yield f"answer.py --out {name}", "answer.py", lambda f, d, t=target: argv_of(
+            "answer.py", own=["--out", str(t(f, d))]), expect
 
 
 OUTPUT_CASES = {name: rest for name, *rest in output_cases()}
@@ -751,6 +884,7 @@ TEXT_SLOTS = [
     ("sap", "--triples", TRIPLES[0], ("instruction", "refusal", "harmful_answer")),
     ("build", "--triples", TRIPLES[1], ("instruction", "harmful_answer")),
     ("sinkcheck", "--probes", {"instruction": "How?", "output": "Sure.", "harmful": True}, ("instruction", "output")),
+    ("answer.py", "--prompts", {"prompt": "How do I bake bread?", "id": "q1"}, ("prompt",)),
 ]
 
 
@@ -859,6 +993,12 @@ def bound_cases():
                                 ("--top", str(2**40), "--top must be at least 1"),
                                 ("--max-positive", str(2**40), "--max-positive must be between")):
         yield f"sinkcheck {flag} {value}", "sinkcheck", argv_of("sinkcheck") + [flag, value], expect
+    for flag in ("--max-new-tokens", "--batch-size"):
+        for value in ("0", "65537", str(10**30)):
+            yield f"answer.py {flag} {value}", "answer.py", argv_of("answer.py", own=[flag, value]), \
+                "--max-new-tokens and --batch-size must be between"
+    yield "answer.py --max-new-tokens past the context", "answer.py", argv_of(
+        "answer.py", own=["--max-new-tokens", "500"]), "passes the model's context of 512 tokens"
 
 
 def empty_string_cases():
@@ -879,13 +1019,15 @@ def empty_string_cases():
     yield "sinkcheck PATH", "sinkcheck", ["", "--probes", "{probes}", "--json", "{out}/report.json"], "PATH is empty"
     for flag in ("--probes", "--json", "--compare"):
         yield f"sinkcheck {flag}", "sinkcheck", argv_of("sinkcheck") + [flag, ""], f"{flag} is empty"
+    for flag in ("--prompts", "--out", "--model", "--adapter"):
+        yield f"answer.py {flag}", "answer.py", argv_of("answer.py", own=[flag, ""]), f"{flag} is empty"
 
 
 def parser_flags(command):
     """The long flags of a command's parser, read from its --help: (flag, takes a value)."""
     head = {"surgery.py": ["surgery.py"], "eval.py": ["eval.py"], "asft": ["-m", "defenses.asft"],
             "sap": ["-m", "defenses.sap"], "build": ["-m", "defenses.safetylock", "build"],
-            "apply": ["-m", "defenses.safetylock", "apply"]}
+            "apply": ["-m", "defenses.safetylock", "apply"], "answer.py": ["answer.py"]}
     if command == "sinkcheck":
         text = subprocess.run([SINKCHECK, "--help"], capture_output=True, text=True, timeout=TIMEOUT).stdout
     else:
@@ -897,7 +1039,7 @@ def parser_flags(command):
     return flags
 
 
-ABBREVIATED = ("surgery.py", "eval.py", "asft", "sap", "build", "apply", "sinkcheck")
+ABBREVIATED = ("surgery.py", "eval.py", "asft", "sap", "build", "apply", "sinkcheck", "answer.py")
 
 
 @pytest.mark.parametrize("command", ABBREVIATED)
