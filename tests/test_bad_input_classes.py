@@ -1,9 +1,10 @@
 """Bad input by class, not by case (issue 21). The tables (tests/test_inputs_*.py, tests/test_checker_bad_inputs.py)
 hold one row per case; here each class of mistake has a generator of cases, run across every command that reads
 files or flags: surgery.py, eval.py, answer.py, sinkcheck, and `python -m defenses.asft`, `defenses.sap`,
-`defenses.safetylock build` / `apply`. Every case is held to the same promise (assert_promise): exit status 2, exactly one line on stderr
-with the command's prefix, no traceback, no hang (every command runs under a timeout), and nothing created or
-changed (the case's inputs hashed before and after, the shared folders' listings unchanged, the output absent).
+`defenses.safetylock build` / `apply`. Every case is held to the same promise (assert_promise): exit status 2,
+exactly one line on stderr with the command's prefix, no traceback, no hang (every command runs under a timeout),
+and nothing created or changed (the case's inputs hashed before and after, the shared folders' listings unchanged,
+the output absent).
 
     loaders      model folders broken in one field or file each (config values of the wrong type or range,
                  safetensors truncated at several offsets, a tokenizer.json of the wrong shape, a weight missing,
