@@ -397,12 +397,20 @@ def choose_strengths(results, choice):
 
 # ---- 6. The main grid (PROTOCOL.md section 7) -------------------------------------------------------------------
 
+def grid_cells(choice, checkpoint=2):
+    """The main grid's (method, p) cells as results/dev/regime.json keeps them: checkpoint 2's once made (checkpoint
+    2 asked), else checkpoint 1's for the chosen regime. As tuples: JSON gives lists, and a list is never equal to the
+    tuple (method, p), so a cell compared as read would never be found."""
+    made = choice.get("checkpoint_2") if checkpoint == 2 else None
+    return [tuple(cell) for cell in (made or choice["checkpoint_1"][choice["regime"]])["cells"]]
+
+
 def main_plan(choice, strengths):
     """(method, strength, p, seed) of every main run: the core cells seed by seed, then the cuttable cells kept by
     the budget, in reverse cut order."""
     strength = {"sft": 0.0, "surgery": strengths["surgery"]["chosen"], "control": strengths["surgery"]["chosen"],
                 "asft": strengths.get("asft", {}).get("chosen", 0.0)}
-    cells = (choice.get("checkpoint_2") or choice["checkpoint_1"][choice["regime"]])["cells"]
+    cells = grid_cells(choice)
     core = [c for c in cells if c in CORE]
     rest = [c for c in cells if c not in CORE]
     return ([(m, strength[m], p, s) for s in REPORTED_SEEDS for m, p in core]
@@ -486,7 +494,7 @@ def checkpoint_2(results, choice):
     def total(cells):
         return spent + sum(per_run[m] for m, p in cells for s in REPORTED_SEEDS
                            if not any(n.startswith(m) and f"_p{p:g}_s{s}" in n for n in names)) / 3600
-    cells, cuts = cut_to_fit(choice["checkpoint_1"][choice["regime"]]["cells"], total)
+    cells, cuts = cut_to_fit(grid_cells(choice, checkpoint=1), total)
     cuts = choice["checkpoint_1"][choice["regime"]]["cuts"] + cuts
     choice["checkpoint_2"] = {"cells": cells, "cuts": cuts, "per_run_seconds": per_run, "spent_hours": spent,
                               "projected_hours": total(cells), "fits": total(cells) <= CEILING_HOURS,
@@ -594,7 +602,7 @@ def main(argv=None):
             for method in REFERENCES[shard::shards]:
                 reference_run(ctx, method, reader)
             for method, strength, ratio, seed in main_plan(choice, strengths)[shard::shards]:
-                if (method, ratio) in (choice.get("checkpoint_2") or choice["checkpoint_1"][choice["regime"]])["cells"]:
+                if (method, ratio) in grid_cells(choice):  # checkpoint 2 may cut cells while the grid runs
                     main_run(ctx, choice["regime"], method, strength, ratio, seed, reader)
                 choice = checkpoint_2(args.results_dir, choice)
         if args.stage == "release":

@@ -35,8 +35,13 @@ def test_seeded_train_counts_nesting_and_seed(tmp_path, pools):
     assert read(third.seeded_train(tmp_path, 0, 0.2, 43)) == drawn[(0.2, 43)]  # and the same seed the same file
 
 
+def as_read(value):
+    """A value as results/dev/regime.json gives it back: through JSON (tuples come back as lists)."""
+    return json.loads(json.dumps(value))
+
+
 def test_main_plan_runs_the_core_seed_by_seed_then_the_rest():
-    choice = {"regime": "a", "checkpoint_1": {"a": {"cells": choices.main_cells("a")}}}
+    choice = as_read({"regime": "a", "checkpoint_1": {"a": {"cells": choices.main_cells("a")}}})
     plan = third.main_plan(choice, {"surgery": {"chosen": 100.0}, "asft": {"chosen": 1.0}})
     assert len(plan) == 5 * 11 and len(set(plan)) == len(plan)
     core = plan[:5 * len(choices.CORE)]
@@ -91,7 +96,7 @@ def test_checkpoint_2_reprojects_with_measured_costs_and_keeps_checkpoint_1s_cut
     (tmp_path / "dev" / "json" / "premisea_sft_p0_s43.json").write_text(
         json.dumps({"train_seconds": 3600.0 * 4, "eval_seconds": 0.0}))  # 4 h spent before the grid
     cells = [list(c) for c in choices.CORE] + [["control", 0.0], ["surgery", 0.1], ["sft", 0.1]]
-    choice = {"regime": "a", "checkpoint_1": {"a": {"cells": [tuple(c) for c in cells], "cuts": ["C1", "C2", "C3"]}}}
+    choice = as_read({"regime": "a", "checkpoint_1": {"a": {"cells": cells, "cuts": ["C1", "C2", "C3"]}}})
     for i, (m, p) in enumerate([("sft", 0.2), ("surgery", 0.2), ("control", 0.2), ("sft", 0.0), ("surgery", 0.0)] * 2):
         name = third.run_name(m, 100.0, p, 44 + i // 5)
         (tmp_path / "json" / f"{name}.json").write_text(json.dumps(
@@ -106,3 +111,12 @@ def test_checkpoint_2_reprojects_with_measured_costs_and_keeps_checkpoint_1s_cut
     assert out["projected_hours"] == pytest.approx(out["spent_hours"] + 15 * 0.5) and not out["fits"]
     assert out["after_runs"] == 10
     assert json.loads((tmp_path / "dev" / "regime.json").read_text())["checkpoint_2"]["cuts"] == out["cuts"]
+
+
+def test_grid_cells_are_tuples_from_the_latest_checkpoint():
+    choice = as_read({"regime": "a", "checkpoint_1": {"a": {"cells": [("sft", 0.2), ("sft", 0.1)]},
+                                                      "b": {"cells": [("sft", 0.0)]}}})
+    assert third.grid_cells(choice) == [("sft", 0.2), ("sft", 0.1)] and ("sft", 0.1) in third.grid_cells(choice)
+    choice["checkpoint_2"] = as_read({"cells": [("sft", 0.2)]})
+    assert third.grid_cells(choice) == [("sft", 0.2)]
+    assert third.grid_cells(choice, checkpoint=1) == [("sft", 0.2), ("sft", 0.1)]
