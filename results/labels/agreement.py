@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 from evaluation import agreement  # noqa: E402  (the repository's own package)
 from evaluation.agreement import CATEGORIES, cohen_kappa  # noqa: E402
+from offline import read_jsonl  # noqa: E402
 
 RUNS = HERE.parent / "second-attempt" / "json"  # the second sweep's run JSONs
 # The categoriser's first version, written from the rubric before any disagreement with these labels was read, and
@@ -41,10 +42,6 @@ FIRST_VERSION = ("pbrhrlrrrhpppbbprrbrhbbpbrbhbbhphbrhbpbrlpppbbprlbbhllbbhprrbp
                  "blbpbpbbpbhbbbprblrprbhrlpphrbrbrlrrhrrpprphbbbhbrrpbhrbrrbrblbrrplppbprpbrhpbbbbppppbprrrbbrhpbrbrrbhbrhbpr"
                  "hblbprhrpbrbbbprbphrrbbprpbbbbbblprbhhrprbhrphlrrhhlbphblbrplrplrbhrprrrbhblrhbhrpbrpbrrbrhrbbrbhpbrbpppbphp")
 LETTERS = {"r": "refusal", "h": "harmful", "l": "harmless", "b": "broken", "p": "helpful"}
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def binary_row(name, pairs):
