@@ -231,13 +231,20 @@ def premise_plan():
     return [(r, p, s) for r in REGIMES for s in CHOICE_SEEDS for p in RATIOS]
 
 
+def committed(target):
+    """A run's committed JSON, if there is one (every stage resumes by skipping what is committed), else None."""
+    if not target.exists():
+        return None
+    print(f"[committed] {target.stem}  ({target})", flush=True)
+    return read_json(target)
+
+
 def premise_run(ctx, regime, p, seed):
     """SFT from the aligned model in one regime: trained, read on the development sets, its JSON written."""
     name = f"premise{regime}_sft_p{p:g}_s{seed}"
     target = ctx.results / "dev" / "json" / f"{name}.json"
-    if target.exists():
-        print(f"[committed] {name}  ({target})", flush=True)
-        return read_json(target)
+    if (done := committed(target)) is not None:
+        return done
     what, steps, lr, flags = REGIMES[regime]
     data = seeded_train(ctx.args.work_dir, ctx.args.data_seed, p, seed)
     trained = train_stage(regime_args(ctx.args, regime), ctx.files, f"premise{regime}-sft_p{p:g}_s{seed}",
@@ -353,9 +360,8 @@ def strength_run(ctx, regime, method, strength, seed):
     p = max(RATIOS)
     name = f"strength{regime}_{run_name(method, strength, p, seed)}"
     target = ctx.results / "dev" / "json" / f"{name}.json"
-    if target.exists():
-        print(f"[committed] {name}  ({target})", flush=True)
-        return read_json(target)
+    if (done := committed(target)) is not None:
+        return done
     trained, data, steps = attack(ctx, regime, method, strength, p, seed, "strength")
     record = {"run": name, "stage": "strength", "regime": regime, "method": method, "strength": strength,
               "poison_ratio": p, "seed": seed, "steps": steps, "commit": code_commit(),
@@ -421,9 +427,8 @@ def main_run(ctx, regime, method, strength, p, seed, reader):
     """One run of the main grid: trained, evaluated on the held-out sets, categorised, its JSON in results/json/."""
     name = run_name(method, strength, p, seed)
     target = ctx.results / "json" / f"{name}.json"
-    if target.exists():
-        print(f"[committed] {name}  ({target})", flush=True)
-        return read_json(target)
+    if (done := committed(target)) is not None:
+        return done
     trained, data, steps = attack(ctx, regime, method, strength, p, seed, "main")
     return held_out_record(ctx, regime_args(ctx.args, regime), (name, method, p, strength, seed), trained,
                            trained["model"], trained["sink_report"]["divergence_after"], steps, reader, regime=regime,
@@ -453,9 +458,8 @@ def reference_run(ctx, method, reader):
     because this sweep's aligned model is the retrained one (amendment 4); results/json/<method>.json."""
     import surgery
     target = ctx.results / "json" / f"{method}.json"
-    if target.exists():
-        print(f"[committed] {method}  ({target})", flush=True)
-        return read_json(target)
+    if (done := committed(target)) is not None:
+        return done
     aligned = aligned_model(ctx)
     if method == "aligned":
         model_path, divergence = aligned["model"], aligned["sink_report"]["divergence_after"]
