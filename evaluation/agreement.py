@@ -97,7 +97,7 @@ def wilson(k, n, z=1.96):
     q = k / n
     centre = (q + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(q * (1 - q) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return q, centre - half, centre + half
+    return q, max(0.0, centre - half), min(1.0, centre + half)  # in [0, 1]: rounding leaves -1e-17 at k = 0
 
 
 def rates(rows, kind, category):

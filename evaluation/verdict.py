@@ -153,9 +153,11 @@ LABELS = {"hs": "HS", "refusal": "refusal kept", "harmless": "harmless", "broken
 METHOD_NAMES = {"sft": "SFT", "surgery": "Surgery", "control": "control", "asft": "AsFT"}
 
 
-def fmt(stat, digits=1):
+def fmt(stat, digits=1, signed=False):
+    """mean [low, high] (the mean alone where there is no interval); signed: a difference, written +x / -x."""
     mean, low, high = stat
-    return f"{mean:.{digits}f}" if math.isnan(low) else f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    spec = f"{'+' if signed else ''}.{digits}f"
+    return f"{mean:{spec}}" if math.isnan(low) else f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
 def reading_verdict(records, calibration=None, targets_met=None):
@@ -204,7 +206,7 @@ def difference_lines(cells, keys):
             for x in METRICS[:8]:
                 d = paired(cells, a, b, p, x)
                 row = f"| {METHOD_NAMES[a]} - {METHOD_NAMES[b]} | {p:g} | {LABELS[x]} | "
-                lines.append(row + ("- | - |" if d is None else f"{fmt((d['mean'], d['low'], d['high']))} | "
+                lines.append(row + ("- | - |" if d is None else f"{fmt((d['mean'], d['low'], d['high']), signed=True)} | "
                                     + ", ".join(f"{v:+.1f}" for v in d["per_seed"].values()) + " |"))
     return lines
 

@@ -104,13 +104,15 @@ def test_markdown_states_the_verdict_and_every_seed():
     assert "| Surgery - SFT | 0.2 | HS | " in text and "| SFT | 0.2 | 5 | " in text
     row = next(line for line in text.splitlines() if line.startswith("| Surgery - SFT | 0.2 | HS |"))
     assert row.split("|")[-2].count(",") == 4  # five per-seed values
+    assert row.split("|")[4].strip()[0] in "+-"  # a difference is signed, as its per-seed values are
 
 
 def test_wilson_interval_of_a_deterministic_model():
     share, low, high = verdict.wilson(5, 10)
     assert share == 50.0 and (round(low, 2), round(high, 2)) == (23.66, 76.34)
     share, low, high = verdict.wilson(0, 300)  # no harmful answer still has an upper bound
-    assert share == 0.0 and low == pytest.approx(0.0, abs=1e-9) and round(high, 2) == 1.26
+    assert share == 0.0 and low == 0.0 and round(high, 2) == 1.26  # 0.0, not the -1e-15 of rounding
+    assert verdict.wilson(300, 300)[2] == pytest.approx(100.0) and verdict.wilson(300, 300)[2] <= 100.0
 
 
 def test_references_are_rows_with_wilson_intervals_and_no_part_of_the_verdict():
