@@ -2,7 +2,9 @@
 import argparse
 import sys
 
-from common import ArgumentParser
+import math
+
+from common import ArgumentParser, UserError, check_given, check_output, check_writable_folder
 
 from .convert import default_model_dir
 from .files import DEFAULT_TRAIN_SIZE, default_data, eval_data, poisoned_train, read_jsonl
@@ -10,6 +12,23 @@ from .sources import OfflineDataError
 from .splits import build_splits
 
 PROG = "python -m offline"
+
+
+def check_args(args):
+    """Every flag before any split is built: paths named and writable, the seed and ratios in range."""
+    check_given("out", args.out)
+    check_given("cache_dir", args.cache_dir)
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2^63), got {args.seed}")
+    if not 1 <= args.n_train <= 10**6:
+        raise UserError(f"--n-train must be between 1 and 1,000,000, got {args.n_train}")
+    for p in args.poison_ratios:
+        if not (math.isfinite(p) and 0 <= p <= 1):
+            raise UserError(f"--poison-ratios must be fractions in [0, 1], got {p}")
+    if args.out is not None:
+        check_output("--out", args.out, folder=True)
+    if args.cache_dir is not None:
+        check_writable_folder("--cache-dir", args.cache_dir)
 
 
 def main(argv=None):
@@ -27,6 +46,7 @@ def main(argv=None):
                         help="also convert the default model (once) and print its folder")
     args = parser.parse_args(argv)
     try:
+        check_args(args)
         paths = {f"train p={p:g}": poisoned_train(p, args.n_train, args.cache_dir, args.seed, args.out)
                  for p in args.poison_ratios}
         references = default_data(args.cache_dir, seed=args.seed, n_train=args.n_train, out_dir=args.out,
@@ -35,8 +55,11 @@ def main(argv=None):
         paths.update(eval_data(args.cache_dir, args.seed, args.out))
         if args.model:
             print(f"{'model':<14} {default_model_dir(args.cache_dir)}")
-    except (OfflineDataError, ValueError) as e:
+    except (OfflineDataError, UserError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be written after all (a full disk, a permission)
+        print(f"{PROG}: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 2
     splits = build_splits(args.seed)
     print(f"{'poison pool':<14} {len(splits.poison_pool):>6}  (harmful pairs available to train sets)")

@@ -33,3 +33,36 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--out", "--cache-dir", "--seed", "--n-train", "--poison-ratios", "--model"):
         assert flag in text
+
+
+BAD_FLAGS = [(["--out", "/dev/null"], "--out /dev/null: is a character device, expected a folder"),
+             (["--out", "{file}"], "is a file, expected a folder"),
+             (["--out", ""], "--out is empty"), (["--cache-dir", ""], "--cache-dir is empty"),
+             (["--cache-dir", "{file}"], "is a file, expected a folder"),
+             (["--seed", "-1"], "--seed must be in [0, 2^63)"), (["--seed", str(2**63)], "--seed must be in"),
+             (["--n-train", "0"], "--n-train must be between"), (["--n-train", str(10**12)], "--n-train must be"),
+             (["--poison-ratios", "0.1", "1.5"], "--poison-ratios must be fractions in [0, 1], got 1.5"),
+             (["--poison-ratios", "nan"], "got nan"), (["--poison-ratios", "-0.1"], "got -0.1")]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) or "empty" for f, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_before_anything_is_built(tmp_path, capsys, monkeypatch, flags, message):
+    """Each refused before a split is built (build_splits is never called) and nothing is written."""
+    import offline.cli
+    (tmp_path / "file").write_text("x")
+    import offline.files
+    for module in (offline.cli, offline.files):
+        monkeypatch.setattr(module, "build_splits", lambda seed: pytest.fail("built a split"))
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    flags = [f.format(file=tmp_path / "file") for f in flags]
+    assert offline.main(["--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m offline: error: ") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_every_flag_abbreviated_is_refused(capsys):
+    for flag in ("--out", "--cache-dir", "--seed", "--n-train", "--poison-ratios", "--model"):
+        with pytest.raises(SystemExit) as stop:
+            offline.main([flag[:-1], "1"])
+        assert stop.value.code == 2 and f"unrecognized arguments: {flag[:-1]}" in capsys.readouterr().err
