@@ -83,13 +83,12 @@ def read_adapter(folder):
                             f"adapter")
         if tensor.dim() != 2 or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise UserError(f"{weights}: tensor {key} is not a finite floating-point matrix")
-    for key in tensors:
-        other = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(".lora_B.", ".lora_A.")
-        if other not in tensors:
-            raise UserError(f"{weights}: {key} has no {other} beside it")
-        a = tensors[key if ".lora_A." in key else other]
-        if a.shape[0] != rank or tensors[other if ".lora_A." in key else key].shape[1] != rank:
-            raise UserError(f"{weights}: {key} is not of rank r = {rank} (adapter_config.json)")
+    for name in {key.rsplit(".lora_", 1)[0] for key in tensors}:
+        a, b = tensors.get(f"{name}.lora_A.weight"), tensors.get(f"{name}.lora_B.weight")
+        if a is None or b is None:
+            raise UserError(f"{weights}: {name} has only one of lora_A and lora_B")
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise UserError(f"{weights}: {name} is not of rank r = {rank} (adapter_config.json)")
     if not tensors:
         raise UserError(f"{weights}: holds no lora_A / lora_B pairs")
     return config, tensors

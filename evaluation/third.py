@@ -316,7 +316,7 @@ def choose_regime(results):
     choice = {"regime": chosen or "a", "outcome": outcome, "checkpoint_1": checks_, "spent_hours": spent,
               "rule": "PROTOCOL.md section 4: first of (a)-(d) where the premise holds, development HS rises >= "
                       f"{PREMISE_HS_RISE:g} points at p = 0.2 and the main grid fits under {CEILING_HOURS:g} CPU h"}
-    write_json(Path(results) / "dev" / "regime.json", choice, strict=False)
+    write_json(kept, choice, strict=False)
     return choice
 
 
@@ -482,6 +482,9 @@ def checkpoint_2(results, choice):
     """Section 7's second checkpoint, after the first 10 main runs: the cells re-projected with the measured cost
     per run of each method (SFT's times the second sweep's factor where a method has none yet); kept in
     results/dev/regime.json."""
+    kept = Path(results) / "dev" / "regime.json"
+    if kept.exists():  # the other process may have made it: made once, after the first 10 runs, never re-made
+        choice = read_json(kept)
     done = main_records(results)
     if choice.get("checkpoint_2") or len(done) < 10:
         return choice
@@ -503,7 +506,7 @@ def checkpoint_2(results, choice):
     choice["checkpoint_2"] = {"cells": cells, "cuts": cuts, "per_run_seconds": per_run, "spent_hours": spent,
                               "projected_hours": total(cells), "fits": total(cells) <= CEILING_HOURS,
                               "after_runs": len(done)}
-    write_json(Path(results) / "dev" / "regime.json", choice, strict=False)
+    write_json(kept, choice, strict=False)
     return choice
 
 

@@ -111,6 +111,11 @@ def test_checkpoint_2_reprojects_with_measured_costs_and_keeps_checkpoint_1s_cut
     assert out["projected_hours"] == pytest.approx(out["spent_hours"] + 15 * 0.5) and not out["fits"]
     assert out["after_runs"] == 10
     assert json.loads((tmp_path / "dev" / "regime.json").read_text())["checkpoint_2"]["cuts"] == out["cuts"]
+    # the other process, still holding checkpoint 1 alone, finishes run 11: it takes the kept checkpoint, not its own
+    (tmp_path / "json" / "sft_p0.2_s46.json").write_text(json.dumps(
+        {"run": "sft_p0.2_s46", "method": "sft", "sweep": "third", "wall_seconds": {"train": 1.0, "evaluate": 1.0}}))
+    again = third.checkpoint_2(tmp_path, as_read({"regime": "a", "checkpoint_1": choice["checkpoint_1"]}))
+    assert again["checkpoint_2"] == as_read(out) and again["checkpoint_2"]["after_runs"] == 10
 
 
 def test_grid_cells_are_tuples_from_the_latest_checkpoint():
