@@ -16,8 +16,7 @@ PROG = "python -m offline"
 
 def check_args(args):
     """Every flag before any split is built: paths named and writable, the seed and ratios in range."""
-    check_given("out", args.out)
-    check_given("cache_dir", args.cache_dir)
+    check_given("cache_dir", args.cache_dir)  # --out: check_output below refuses an empty one
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be in [0, 2^63), got {args.seed}")
     if not 1 <= args.n_train <= 10**6:
