@@ -20,7 +20,7 @@ import torch
 
 import offline
 from common import (ArgumentParser, UserError, cause, check_given, check_input_file, check_output, read_json,
-                    read_json_rows, read_text_file, write_jsonl)
+                    parse_json_rows, read_text_file, write_jsonl)
 
 
 def read_prompts(path):
@@ -33,7 +33,7 @@ def read_prompts(path):
         raise UserError(f"{path}: no prompt in the file")
     if path.suffix.lower() not in (".json", ".jsonl") and not lines[0].lstrip().startswith("{"):
         return [line.strip() for line in lines]
-    rows = read_json_rows(path)
+    rows = parse_json_rows(text, path)
     if not isinstance(rows, list) or not rows:
         raise UserError(f"{path}: expected a JSON list of records, or JSONL (one record per line)")
     prompts = []

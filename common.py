@@ -201,8 +201,12 @@ def read_json(path, max_bytes=MAX_DATA_BYTES, what="a data file"):
 def read_json_rows(path):
     """The rows of a JSON list or a JSONL file; a missing, empty or malformed file, or one holding a string that is
     no text (a lone surrogate escape), is a UserError naming it."""
+    return parse_json_rows(read_text_file(Path(path)), path)
+
+
+def parse_json_rows(text, path):
+    """read_json_rows on a file's text already read; path names it in errors."""
     path = Path(path)
-    text = read_text_file(path)
     if text.startswith("\ufeff"):  # a UTF-8 byte-order mark, as some editors write
         text = text[1:]
     if not text.strip():
