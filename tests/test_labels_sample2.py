@@ -21,10 +21,13 @@ def script(name):
     return module
 
 
-def third_sweep():
-    """Run JSONs of a full main grid plus the two references; answers name their run and index."""
+CUT_CELLS = [("sft", 0.0), ("surgery", 0.0), ("sft", 0.2), ("surgery", 0.2), ("control", 0.2)]  # the core
+
+
+def third_sweep(cells=CELLS):
+    """Run JSONs of a main grid of these cells plus the two references; answers name their run and index."""
     runs = {}
-    for m, p in [("aligned", None), ("base", None)] + CELLS:
+    for m, p in [("aligned", None), ("base", None)] + cells:
         for s in ([None] if p is None else SEEDS):
             name = m if p is None else f"{m}_p{p:g}_s{s}"
             runs[name] = {"method": m, "poison_ratio": p, "seed": s, "sweep": "third",
@@ -37,22 +40,30 @@ def third_sweep():
     return runs
 
 
-def test_sample_2_has_18_and_6_answers_per_cell_with_the_seeds_taking_turns():
+@pytest.mark.parametrize("cells, per_stratum, harmful_turns, benign_turns", [
+    (CELLS, (23, 8), [4, 4, 5, 5, 5], [1, 1, 2, 2, 2]),  # nothing cut: 13 strata, 403 answers
+    (CUT_CELLS, (42, 16), [8, 8, 8, 9, 9], [3, 3, 3, 3, 4]),  # only the core: 7 strata, 406 answers
+])
+def test_sample_2_has_at_least_400_answers_with_the_seeds_taking_turns(cells, per_stratum, harmful_turns,
+                                                                       benign_turns):
     draw = script("draw_sample")
-    runs = third_sweep()
+    runs = third_sweep(cells)
     groups = draw.strata(runs)
-    assert len(groups) == 13 and list(groups)[:2] == [("base", None), ("aligned", None)]
-    items = draw.draw(groups, runs, draw.SAMPLES[2]["salt"], draw.SAMPLES[2]["per_stratum"])
-    assert len(items) == 13 * 24 == 312 and len({i["id"] for i in items}) == 312
+    assert len(groups) == len(cells) + 2 and list(groups)[:2] == [("base", None), ("aligned", None)]
+    assert draw.sized(len(groups)) == per_stratum
+    items = draw.draw(groups, runs, draw.SAMPLES[2]["salt"], per_stratum)
+    n = len(groups) * sum(per_stratum)
+    assert len(items) == n >= 400 and len({i["id"] for i in items}) == n
     per = collections.Counter((runs[i["run"]]["method"], runs[i["run"]]["poison_ratio"], i["kind"]) for i in items)
-    assert set(per.values()) == {18, 6} and len(per) == 26
-    for (m, p) in CELLS:  # five seeds share 18 harmful answers 4/4/4/3/3 and 6 benign 2/1/1/1/1
+    assert set(per.values()) == set(per_stratum) and len(per) == 2 * len(groups)
+    for (m, p) in cells:  # the five seeds share each stratum's answers in turn
         runs_of = collections.Counter((i["run"], i["kind"]) for i in items if i["run"].startswith(f"{m}_p{p:g}_"))
-        assert sorted(runs_of[(f"{m}_p{p:g}_s{s}", "harmful")] for s in SEEDS) == [3, 3, 4, 4, 4]
-        assert sorted(runs_of[(f"{m}_p{p:g}_s{s}", "benign")] for s in SEEDS) == [1, 1, 1, 1, 2]
-    harmful = [i["index"] for i in items if i["kind"] == "harmful"]
-    assert len(set(harmful)) == len(harmful)  # 234 of 300 prompts: none twice
-    again = draw.draw(groups, runs, draw.SAMPLES[2]["salt"], draw.SAMPLES[2]["per_stratum"])
+        assert sorted(runs_of[(f"{m}_p{p:g}_s{s}", "harmful")] for s in SEEDS) == harmful_turns
+        assert sorted(runs_of[(f"{m}_p{p:g}_s{s}", "benign")] for s in SEEDS) == benign_turns
+    for kind in ("harmful", "benign"):  # no prompt or request is drawn twice
+        indices = [i["index"] for i in items if i["kind"] == kind]
+        assert len(set(indices)) == len(indices)
+    again = draw.draw(groups, runs, draw.SAMPLES[2]["salt"], per_stratum)
     assert again == items
     second = draw.second_annotator(items, draw.SAMPLES[2]["salt"], 60)
     assert len(second) == 60 and len({i["id"] for i in second}) == 60 and second != items[:60]

@@ -5,8 +5,8 @@
     python results/labels/draw_sample.py --sample 2       # sample 2: the third sweep's main grid (PROTOCOL.md sec. 3)
 
 Sample 1 (the default) is described below; sample 2 differs only where SAMPLES says: the third sweep's run JSONs
-(results/json/, the main grid and the aligned and base rows), 18 harmful and 6 benign answers per stratum, its own
-salt, written to sample2/, and a seeded subset of DOUBLE answers written again, reshuffled, to
+(results/json/, the main grid and the aligned and base rows), at least 400 answers whatever the number of strata
+(`sized`: 42 harmful and 16 benign per stratum for 7 strata), its own salt, written to sample2/, and a seeded subset of DOUBLE answers written again, reshuffled, to
 sample2/blind_second.jsonl for a second, independent annotator (the inter-rater kappa).
 
 Writes, next to this script:
@@ -58,9 +58,18 @@ ROOT = HERE.parents[1]
 # and how many of its answers a second annotator labels too
 SAMPLES = {1: {"runs": HERE.parent / "second-attempt" / "json", "salt": "labels-v1", "per_stratum": (17, 7),
                "out": HERE, "double": 0},
-           2: {"runs": HERE.parent / "json", "salt": "labels-v2", "per_stratum": (18, 6), "out": HERE / "sample2",
+           2: {"runs": HERE.parent / "json", "salt": "labels-v2", "per_stratum": "sized", "out": HERE / "sample2",
                "double": 60}}
 N_HARMFUL, N_BENIGN, EVAL_SEED, DATA_SEED = 300, 160, 43, 0
+MIN_ANSWERS = 400  # sample 2's size whatever the budget cut (PROTOCOL.md amendment 6)
+
+
+def sized(strata):
+    """Sample 2's (harmful, benign) answers per stratum: n = ceil(MIN_ANSWERS / strata) in all, three quarters of
+    them harmful where no harmful prompt is then drawn twice (at most N_HARMFUL // strata), the rest benign."""
+    n = -(-MIN_ANSWERS // strata)
+    harmful = min(-(-3 * n // 4), N_HARMFUL // strata)
+    return harmful, n - harmful
 PROMPT_SHA256 = {  # of the two prompt files the sweep was evaluated on (see the docstring)
     "harmful": "e68a7359562b077d8bf34f8ca1c3bbf5dec45283dc4e8114202ed6b1fb7301b4",
     "benign": "c66bf178b925c2ab71ee03f17d11cea5cb6073e8c7a80404c2dea0999e75b3c5",
@@ -258,7 +267,8 @@ def main():
     prompts, runs = read_prompts(args.prompts_dir), read_runs(sample["runs"], args.sample)
     check_alignment(prompts, runs)
     groups = strata(runs)
-    items = draw(groups, runs, sample["salt"], sample["per_stratum"])
+    per_stratum = sized(len(groups)) if sample["per_stratum"] == "sized" else sample["per_stratum"]
+    items = draw(groups, runs, sample["salt"], per_stratum)
     out.mkdir(parents=True, exist_ok=True)
 
     def blind(rows):
