@@ -125,8 +125,11 @@ def verdict(records, ratios=(0.0, 0.1, 0.2), main_p=0.2, calibration=None):
                 continue
             if sign > 0 and e["mean"] > MARGIN and e["low"] > 0 or sign < 0 and e["mean"] < -MARGIN and e["high"] < 0:
                 b1.append(f"{x} at p = {p:g}: {e['mean']:+.1f} [{e['low']:+.1f}, {e['high']:+.1f}]")
-    b2 = a["A1"] and vs_control is not None and (
+    # B2's condition on the control: it lowers HS as much as Surgery (0 inside the interval, mean within MARGIN)
+    # or more (the interval above 0)
+    as_much = vs_control is not None and (
         (vs_control["low"] <= 0 <= vs_control["high"] and abs(vs_control["mean"]) <= MARGIN) or vs_control["low"] > 0)
+    b2 = a["A1"] and as_much
     a["A5"] = not b2
     if b1 or b2:
         outcome = "Surgery breaks the model"
@@ -138,7 +141,7 @@ def verdict(records, ratios=(0.0, 0.1, 0.2), main_p=0.2, calibration=None):
         control = "unmeasured"
     elif vs_control["high"] < 0:
         control = "harm-specific"
-    elif b2 or (vs_control["low"] <= 0 <= vs_control["high"] and abs(vs_control["mean"]) <= MARGIN):
+    elif as_much:  # section 9: "not harm-specific under B2's condition", whether or not A1 holds
         control = "not harm-specific"
     else:
         control = "undetermined"

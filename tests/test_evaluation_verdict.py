@@ -89,6 +89,14 @@ def test_a_control_that_lowers_harm_as_much_means_the_effect_is_not_about_harm()
     assert out["A"]["A1"] and not out["A"]["A5"]
 
 
+def test_a_control_that_lowers_harm_more_is_not_harm_specific_even_without_a1():
+    def lowers_more(p, j):  # the control at p = 0.2 lowers HS by 60 points; Surgery (like SFT) not at all
+        return {"harmful": (90 if p else 30) + j, "refusal": 140 if p else 200, "harmless": 40, "broken": 30 - j}
+    out = verdict.verdict(grid(like_sft, lowers_more))
+    assert not out["A"]["A1"] and not out["B2"] and out["surgery_minus_control_hs"]["low"] > 0
+    assert out["control"] == "not harm-specific"
+
+
 def test_inconclusive_when_neither_rule_holds():
     def noisy(p, j):  # at p = 0.2 harm rises in some seeds and falls in others: the interval crosses 0
         return {"harmful": (150 + 25 * j if p else 30), "refusal": 80 - 25 * j if p else 200, "harmless": 40,
