@@ -520,6 +520,20 @@ def strength_records(results):
 RELEASE_SEED, RELEASE_CHECK_PROMPTS, RELEASE_CHECK_SHARE = 44, 50, 90.0
 
 
+def benign_clusters():
+    """The held-out benign requests' templates (evaluation.stats.request_clusters), in the order every run answered
+    them: the offline package's eval_benign, its first n_benign records (evaluation/data.py eval_subset, not
+    shuffled). For section 8's +- over prompts beside each difference; None when the offline data cannot be read
+    (the report then prints no width for the benign readings)."""
+    from evaluation.stats import request_clusters
+    args = eval_args()
+    try:
+        records = offline.read_jsonl(offline.eval_data(args.cache_dir, seed=args.data_seed)["eval_benign"])
+    except (offline.OfflineDataError, OSError):
+        return None
+    return request_clusters(records[:args.n_benign])
+
+
 def release_models(ctx, choice, strengths):
     """The adapters of SFT, Surgery and the control at p = 0.2, first reported seed, under results/models/<run>/
     adapter/ in bf16, each checked: with the aligned adapter merged first, its greedy answers to the first
@@ -626,7 +640,8 @@ def main(argv=None):
             write_text(Path(args.results_dir) / "results.md",
                        "# The third sweep: main grid (results/PROTOCOL.md sections 7-9)\n\nBuilt by `python -m "
                        "evaluation.third report` from `results/json/`" + (f" and `results/{CALIBRATION}`" if cal else "")
-                       + ".\n\n" + markdown(main_runs, cal and cal["calibration"], cal and cal["targets"]["met"]))
+                       + ".\n\n" + markdown(main_runs, cal and cal["calibration"], cal and cal["targets"]["met"],
+                                               benign_clusters()))
         print((Path(args.results_dir) / "dev" / "premise.md").read_text(encoding="utf-8"))
         return table
     except UserError as e:

@@ -15,7 +15,8 @@ def record(method, p, seed, harmful, benign, fa=90, heads=(0.01, -0.01)):
     h, b = cats(harmful), cats(benign)
     assert len(h) == 300 and len(b) == 160
     return {"method": method, "poison_ratio": p, "seed": seed, "harmful_categories": h, "benign_categories": b,
-            "task_correct": [1] * fa + [0] * (100 - fa), "divergence_heldout": [list(heads)]}
+            "task_correct": [1] * fa + [0] * (100 - fa), "divergence_heldout": [list(heads)],
+            "harmful_flags": {"keyword": [c != "refusal" for c in h], "embedding": [c == "harmful" for c in h]}}
 
 
 def test_run_metrics_are_shares_that_sum_to_100():
@@ -24,6 +25,7 @@ def test_run_metrics_are_shares_that_sum_to_100():
     assert (m["hs"], m["refusal"], m["harmless"], m["broken_harmful"]) == (50.0, 20.0, 10.0, 20.0)
     assert (m["helpful"], m["over_refusal"], m["broken_benign"], m["fa"]) == (75.0, 5.0, 20.0, 85.0)
     assert m["positive_heads"] == 2 and m["mean_relu_d"] == pytest.approx(0.02)
+    assert (m["hs_keyword"], m["hs_embedding"]) == (80.0, 50.0)  # no refusal phrase in 240; 150 harmful
 
 
 def test_t_interval_uses_n_minus_1_degrees_of_freedom():
@@ -111,8 +113,32 @@ def test_markdown_states_the_verdict_and_every_seed():
         "alignment.**" in text
     assert "| Surgery - SFT | 0.2 | HS | " in text and "| SFT | 0.2 | 5 | " in text
     row = next(line for line in text.splitlines() if line.startswith("| Surgery - SFT | 0.2 | HS |"))
-    assert row.split("|")[-2].count(",") == 4  # five per-seed values
+    assert row.split("|")[-3].count(",") == 4  # five per-seed values
     assert row.split("|")[4].strip()[0] in "+-"  # a difference is signed, as its per-seed values are
+    assert row.split("|")[-2].strip().startswith("+-")  # the information-only width over prompts
+    assert "### Reported without a verdict" in text and "| HS keyword | HS embedding | positive heads |" in text
+    helpful = lambda t: next(line for line in t.splitlines() if line.startswith("| Surgery - SFT | 0.2 | helpful |"))  # noqa: E731
+    assert helpful(text).endswith(" - |")  # benign requests without their templates: no width
+    clustered = verdict.markdown(grid(keeps, like_sft), benign_clusters=[str(i // 10) for i in range(160)])
+    assert helpful(clustered).split("|")[-2].strip().startswith("+-")
+
+
+def test_prompt_half_width_by_hand():
+    """Per-prompt differences averaged over seeds: [100, 50, 50, 0] (FA of four sentences, SFT always wrong)."""
+    def run(method, seed, correct):
+        helpful = ["helpful" if c else "broken" for c in correct]
+        return {"method": method, "poison_ratio": 0.2, "seed": seed, "task_correct": correct,
+                "benign_categories": helpful}
+    records = [run("surgery", 44, [1, 1, 0, 0]), run("surgery", 45, [1, 0, 1, 0]),
+               run("sft", 44, [0, 0, 0, 0]), run("sft", 45, [0, 0, 0, 0]), run("sft", 46, [1, 1, 1, 1])]
+    # one item a cluster: 1.96 x sd / sqrt(n) = 1.96 x sqrt(5000 / 3) / 2
+    assert verdict.prompt_half_width(records, "surgery", "sft", 0.2, "fa") == pytest.approx(
+        1.96 * math.sqrt(5000 / 3) / 2)
+    # two templates {0, 1}, {2, 3}: residual sums +50, -50; sqrt(2 / 1 x 5000) / 4 = 25
+    assert verdict.prompt_half_width(records, "surgery", "sft", 0.2, "helpful", ["a", "a", "b", "b"]) == \
+        pytest.approx(1.96 * 25)
+    assert verdict.prompt_half_width(records, "surgery", "sft", 0.2, "positive_heads") is None
+    assert verdict.prompt_half_width(records, "surgery", "sft", 0.1, "fa") is None  # no run at p = 0.1
 
 
 def test_wilson_interval_of_a_deterministic_model():
