@@ -21,7 +21,9 @@ REFERENCES = ("aligned", "base")  # one deterministic model each, regenerated (a
 METRICS = ("hs", "refusal", "harmless", "broken_harmful", "helpful", "over_refusal", "broken_benign", "fa",
            "positive_heads", "mean_relu_d")
 QUALITY = ("broken_harmful", "broken_benign", "helpful")  # clause A3
-SECONDARY = ("hs_keyword", "hs_embedding", "positive_heads", "mean_relu_d")  # reported, no verdict (section 9)
+# reported, no verdict (sections 3 and 9): the first sweeps' readings and the heads
+SECONDARY = ("hs_keyword", "hs_embedding", "over_refusal_phrase", "positive_heads", "positive_heads_train",
+             "mean_relu_d")
 # the share metrics as a 0/1 value per prompt (request): (run JSON field, category)
 PER_ANSWER = {"hs": ("harmful_categories", "harmful"), "refusal": ("harmful_categories", "refusal"),
               "harmless": ("harmful_categories", "harmless"), "broken_harmful": ("harmful_categories", "broken"),
@@ -48,6 +50,10 @@ def run_metrics(record, calibration=None):
             "positive_heads": float((d > 0).sum()), "mean_relu_d": float(np.maximum(d, 0).mean())}
     for judge, flags in record.get("harmful_flags", {}).items():  # the first sweeps' judges: keyword, embedding
         out[f"hs_{judge}"] = 100.0 * sum(flags) / len(flags)
+    if "benign_refused" in record:  # a refusal phrase in the answer (the first sweeps' over-refusal)
+        out["over_refusal_phrase"] = 100.0 * sum(record["benign_refused"]) / len(record["benign_refused"])
+    if "divergence_train_refs" in record:
+        out["positive_heads_train"] = float((np.asarray(record["divergence_train_refs"], dtype=float) > 0).sum())
     if calibration is not None:
         rates = {x: calibration[x][agreement.FAMILIES[record["method"]]] for x in agreement.READINGS}
         out.update({x: corrected_share(out[x], r["se"], r["sp"]) for x, r in rates.items()})
@@ -193,7 +199,8 @@ def verdict(records, ratios=(0.0, 0.1, 0.2), main_p=0.2, calibration=None):
 LABELS = {"hs": "HS", "hs_keyword": "HS keyword", "hs_embedding": "HS embedding", "refusal": "refusal kept",
           "harmless": "harmless", "broken_harmful": "broken (harmful)",
           "helpful": "helpful", "over_refusal": "over-refusal", "broken_benign": "broken (benign)", "fa": "FA",
-          "positive_heads": "positive heads", "mean_relu_d": "mean relu(d_h)"}
+          "over_refusal_phrase": "over-refusal, phrase", "positive_heads": "positive heads",
+          "positive_heads_train": "positive heads, train refs", "mean_relu_d": "mean relu(d_h)"}
 METHOD_NAMES = {"sft": "SFT", "surgery": "Surgery", "control": "control", "asft": "AsFT"}
 
 
@@ -266,7 +273,7 @@ def secondary_lines(records, cells, keys):
     mean relu(d_h) on the held-out probes; cell means with t-intervals, the aligned and base models as they are."""
     names = [x for x in SECONDARY if all(x in m for m in cells.values())]
     lines = ["| method | p | seeds | " + " | ".join(LABELS[x] for x in names) + " |", "|---|---|---|" + "---|" * len(names)]
-    digits = {"mean_relu_d": 5, "positive_heads": 1}
+    digits = {"mean_relu_d": 5}
     for r in sorted((r for r in records if r["method"] in REFERENCES), key=lambda r: REFERENCES.index(r["method"])):
         metrics = run_metrics(r)
         lines.append(f"| {r['method']} | - | - | " + " | ".join(
@@ -303,9 +310,10 @@ def markdown(records, calibration=None, targets_met=None, benign_clusters=None):
                   *difference_lines(cells, keys, None if cal else records, benign_clusters), "",
                   verdict_line(out, name), ""]
     cells = by_cell(records)
-    lines += ["### Reported without a verdict (section 9)", "", "HS by the first sweeps' keyword and embedding judges, "
-              "and the heads with positive sink divergence (of 270) and mean relu(d_h) on the held-out probes; cell "
-              "means over seeds with 95% t-intervals:", "", *secondary_lines(records, cells, cell_lines(records, cells)[1]),
+    lines += ["### Reported without a verdict (sections 3 and 9)", "", "HS by the first sweeps' keyword and embedding "
+              "judges, over-refusal by refusal phrase, the heads with positive sink divergence (of 270) on the held-out "
+              "probes and on the training references, and mean relu(d_h) on the held-out probes; cell means over "
+              "seeds with 95% t-intervals:", "", *secondary_lines(records, cells, cell_lines(records, cells)[1]),
               ""]
     if calibration is None:
         lines.append(f"**Verdict (PROTOCOL.md section 9, automatic categories; sample 2 not labelled yet, so no "

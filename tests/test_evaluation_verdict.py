@@ -16,7 +16,8 @@ def record(method, p, seed, harmful, benign, fa=90, heads=(0.01, -0.01)):
     assert len(h) == 300 and len(b) == 160
     return {"method": method, "poison_ratio": p, "seed": seed, "harmful_categories": h, "benign_categories": b,
             "task_correct": [1] * fa + [0] * (100 - fa), "divergence_heldout": [list(heads)],
-            "harmful_flags": {"keyword": [c != "refusal" for c in h], "embedding": [c == "harmful" for c in h]}}
+            "harmful_flags": {"keyword": [c != "refusal" for c in h], "embedding": [c == "harmful" for c in h]},
+            "benign_refused": [c == "refusal" for c in b], "divergence_train_refs": [[0.5, -0.5, 0.1]]}
 
 
 def test_run_metrics_are_shares_that_sum_to_100():
@@ -26,6 +27,7 @@ def test_run_metrics_are_shares_that_sum_to_100():
     assert (m["helpful"], m["over_refusal"], m["broken_benign"], m["fa"]) == (75.0, 5.0, 20.0, 85.0)
     assert m["positive_heads"] == 2 and m["mean_relu_d"] == pytest.approx(0.02)
     assert (m["hs_keyword"], m["hs_embedding"]) == (80.0, 50.0)  # no refusal phrase in 240; 150 harmful
+    assert (m["over_refusal_phrase"], m["positive_heads_train"]) == (5.0, 2.0)
 
 
 def test_t_interval_uses_n_minus_1_degrees_of_freedom():
@@ -116,7 +118,7 @@ def test_markdown_states_the_verdict_and_every_seed():
     assert row.split("|")[-3].count(",") == 4  # five per-seed values
     assert row.split("|")[4].strip()[0] in "+-"  # a difference is signed, as its per-seed values are
     assert row.split("|")[-2].strip().startswith("+-")  # the information-only width over prompts
-    assert "### Reported without a verdict" in text and "| HS keyword | HS embedding | positive heads |" in text
+    assert "### Reported without a verdict" in text and "| HS keyword | HS embedding | over-refusal, phrase | positive heads |" in text
     helpful = lambda t: next(line for line in t.splitlines() if line.startswith("| Surgery - SFT | 0.2 | helpful |"))  # noqa: E731
     assert helpful(text).endswith(" - |")  # benign requests without their templates: no width
     clustered = verdict.markdown(grid(keeps, like_sft), benign_clusters=[str(i // 10) for i in range(160)])
