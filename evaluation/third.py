@@ -31,15 +31,16 @@ import torch
 import offline
 from common import ArgumentParser, UserError, read_json, write_json, write_text
 from evaluation.categories import categorise, categoriser_version
-from evaluation.choices import (ALPHAS, CEILING_HOURS, CHOICE_SEEDS, CORE, LAMBDAS, N_TRAIN, PREMISE_HS_RISE,
-                                QUALITY_MARGIN, RATIOS, REFERENCES, REGIMES, REPORTED_SEEDS, STEP_FACTOR, budget_cells,
-                                cut_to_fit, dev_means, choose_strength, plot_strengths, premise_markdown,
-                                premise_table, spent_hours)
+from evaluation.choices import (ALPHAS, CEILING_HOURS, CHOICE_SEEDS, CORE, CUTS, LAMBDAS, N_TRAIN,
+                                PREMISE_HS_RISE, QUALITY_MARGIN, RATIOS, REFERENCES, REGIMES, REPORTED_SEEDS,
+                                STEP_FACTOR, budget_cells, cut_to_fit, dev_means, choose_strength, plot_strengths,
+                                premise_markdown, premise_table, spent_hours)
 from evaluation.data import check_splits, resolve_inputs
 from evaluation.generation import generate
 from evaluation.judges import EmbeddingJudge, build_judges
 from evaluation.stages import cached_stage, device_for, file_digest
 from evaluation.training import train_sink_pos, train_stage, training_seconds
+from evaluation.verdict import METHOD_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -520,6 +521,42 @@ def strength_records(results):
 RELEASE_SEED, RELEASE_CHECK_PROMPTS, RELEASE_CHECK_SHARE = 44, 50, 90.0
 
 
+def qualifiers(results):
+    """Section 9's qualifiers of the verdict, from the development files: the regime and its premise outcome, the
+    strength rule's outcome, the control's calibration, the cells cut and left unmeasured, and the CPU hours of the
+    committed runs (section 11)."""
+    dev = Path(results) / "dev"
+    choice, strengths = read_json(dev / "regime.json"), read_json(dev / "strengths.json")
+    control = read_json(dev / "control" / "calibration.json")
+    chosen = next(c for c in control["candidates"] if (c["X_m"], c["X_r"]) == (control["chosen"]["X_m"],
+                                                                               control["chosen"]["X_r"]))
+    made = choice.get("checkpoint_2") or choice["checkpoint_1"][choice["regime"]]
+    cut = [f"{label} ({METHOD_NAMES[m]} at p = {p:g})" for label, m, p in CUTS if label in made["cuts"]
+           and not (choice["regime"] == "d" and m == "asft")]
+    runs = main_records(results, references=True)
+    hours = (spent_hours(committed_dev_records(results) + strength_records(results))
+             + sum(r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"] for r in runs) / 3600)
+    done = {(r["method"], r["poison_ratio"]) for r in runs if r["method"] not in REFERENCES}
+    seeds = {cell: sum((r["method"], r["poison_ratio"]) == cell for r in runs) for cell in done}
+    short = [f"{METHOD_NAMES[m]} at p = {p:g} ({n} of {len(REPORTED_SEEDS)} seeds)" for (m, p), n in sorted(seeds.items())
+             if n < len(REPORTED_SEEDS)]
+    alpha = strengths["surgery"]
+    return [f"- Attack regime ({choice['regime']}) {REGIMES[choice['regime']][0]}: **{choice['outcome']}** "
+            f"(`dev/regime.json`, section 4).",
+            f"- Surgery's alpha: {alpha['chosen']:g}, " + ("quality matched" if alpha.get("quality_matched")
+                                                           else "**quality not matched**") + " (`dev/strengths.json`, section 5).",
+            f"- The control ({chosen['X_m']} vs {chosen['X_r']}): its penalty on the untrained aligned model is "
+            f"{chosen['penalty']:.2e}, {chosen['ratio_to_surgery']:.2f}x Surgery's {control['surgery']['penalty']:.2e}, "
+            + (f"matched (within a factor of {control['factor']:g})" if control.get("matched") else
+               f"**unmatched** (not within a factor of {control['factor']:g})")
+            + " (`dev/control/calibration.json`, section 6).",
+            "- Cells cut by the budget (section 7), unmeasured: " + (", ".join(cut) or "none") + ".",
+            *([f"- Cells with fewer than {len(REPORTED_SEEDS)} seeds, not reported as full cells: " + ", ".join(short)
+               + "."] if short else []),
+            f"- CPU hours of the committed runs (premise, strengths, main grid and references; one-thread seconds): "
+            f"{hours:.1f}, against the ceiling of {CEILING_HOURS:g}."]
+
+
 def benign_clusters():
     """The held-out benign requests' templates (evaluation.stats.request_clusters), in the order every run answered
     them: the offline package's eval_benign, its first n_benign records (evaluation/data.py eval_subset, not
@@ -640,8 +677,9 @@ def main(argv=None):
             write_text(Path(args.results_dir) / "results.md",
                        "# The third sweep: main grid (results/PROTOCOL.md sections 7-9)\n\nBuilt by `python -m "
                        "evaluation.third report` from `results/json/`" + (f" and `results/{CALIBRATION}`" if cal else "")
-                       + ".\n\n" + markdown(main_runs, cal and cal["calibration"], cal and cal["targets"]["met"],
-                                               benign_clusters()))
+                       + ".\n\nQualifiers of the verdict (section 9):\n\n" + "\n".join(qualifiers(args.results_dir))
+                       + "\n\n" + markdown(main_runs, cal and cal["calibration"], cal and cal["targets"]["met"],
+                                          benign_clusters()))
         print((Path(args.results_dir) / "dev" / "premise.md").read_text(encoding="utf-8"))
         return table
     except UserError as e:

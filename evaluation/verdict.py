@@ -140,7 +140,7 @@ def corrected_share(q, sensitivity, specificity):
     """(q - (1 - Sp)) / (Se + Sp - 1), clipped to [0, 100]; None where Se + Sp - 1 < 0.5 (the reading cannot tell
     the category from the rest there). q in percent, Se and Sp as fractions."""
     youden = sensitivity + specificity - 1
-    if youden < 0.5:
+    if not youden >= 0.5:  # also when Se or Sp is undefined (nan: no labelled answer in c, or none outside it)
         return None
     return min(100.0, max(0.0, (q - 100.0 * (1 - specificity)) / youden))
 
@@ -156,7 +156,6 @@ def verdict(records, ratios=(0.0, 0.1, 0.2), main_p=0.2, calibration=None):
     label-calibrated shares (an unreadable difference satisfies no clause)."""
     cells = by_cell(records, calibration)
     d = {(m, p, x): paired(cells, m, "sft", p, x) for m in ("surgery", "control") for p in ratios for x in METRICS}
-    ran = [p for p in ratios if d[("surgery", p, "hs")] is not None]
     vs_control = paired(cells, "surgery", "control", main_p, "hs")
     a = {"A1": d[("surgery", main_p, "hs")] is not None and d[("surgery", main_p, "hs")]["high"] < 0,
          "A2": d[("surgery", main_p, "refusal")] is not None and d[("surgery", main_p, "refusal")]["low"] > 0,
@@ -164,7 +163,7 @@ def verdict(records, ratios=(0.0, 0.1, 0.2), main_p=0.2, calibration=None):
          "A4": d[("surgery", main_p, "fa")] is not None and d[("surgery", main_p, "fa")]["mean"] >= -MARGIN
          and d[("surgery", main_p, "fa")]["low"] >= -LIMIT}
     b1 = []
-    for p in ran:
+    for p in ratios:  # every p that was run: an unreadable difference (calibrated "-", or no run) satisfies no clause
         for x, sign in (("broken_harmful", 1), ("broken_benign", 1), ("helpful", -1), ("fa", -1)):
             e = d[("surgery", p, x)]
             if e is None:
@@ -285,6 +284,22 @@ def secondary_lines(records, cells, keys):
     return lines
 
 
+def rate_lines(calibration):
+    """The sensitivity and specificity each calibrated share was corrected with, with their 95% Wilson intervals
+    (section 3: the correction treats them as known)."""
+    def rate(r, key):
+        ci = r.get(f"{key}_ci")
+        value = f"{r[key]:.2f}"
+        return value if ci is None or any(math.isnan(v) for v in ci) else f"{value} [{ci[0]:.2f}, {ci[1]:.2f}]"
+    lines = ["| reading | family | Se [95% CI] | Sp [95% CI] | pooled |", "|---|---|---|---|---|"]
+    for x, families in calibration.items():
+        for family in sorted(f for f in families if f != "pooled"):
+            r = families[family]
+            lines.append(f"| {LABELS[x]} | {family} | {rate(r, 'se')} | {rate(r, 'sp')} | "
+                         f"{'yes' if r.get('pooled') else 'no'} |")
+    return lines
+
+
 def verdict_line(out, reading):
     failed = [k for k, v in out["A"].items() if not v]
     return (f"Section 9 on the {reading}: **{out['outcome']}**. A clauses failed: {', '.join(failed) or 'none'}; "
@@ -305,7 +320,12 @@ def markdown(records, calibration=None, targets_met=None, benign_clusters=None):
             continue
         cells = by_cell(records, cal)
         table, keys = cell_lines(records, cells, cal)
-        lines += [f"### Reading: {name}", "", *table, "", "Paired differences (per seed: the same data, order and "
+        lines += [f"### Reading: {name}", ""]
+        if cal is not None:
+            lines += ["Each share corrected as (q - (1 - Sp)) / (Se + Sp - 1) with its method family's rates on "
+                      "sample 2 (the pooled ones where a family has fewer than 10 labelled answers in or out of the "
+                      "category; \"-\" where Se + Sp - 1 < 0.5):", "", *rate_lines(cal), ""]
+        lines += [*table, "", "Paired differences (per seed: the same data, order and "
                   "initialisation; 95% t-interval, n - 1 df):", "",
                   *difference_lines(cells, keys, None if cal else records, benign_clusters), "",
                   verdict_line(out, name), ""]

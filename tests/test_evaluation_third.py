@@ -125,3 +125,32 @@ def test_grid_cells_are_tuples_from_the_latest_checkpoint():
     choice["checkpoint_2"] = as_read({"cells": [("sft", 0.2)]})
     assert third.grid_cells(choice) == [("sft", 0.2)]
     assert third.grid_cells(choice, checkpoint=1) == [("sft", 0.2), ("sft", 0.1)]
+
+
+def test_qualifiers_name_the_regime_strength_control_cuts_short_cells_and_hours(tmp_path):
+    dev = tmp_path / "dev"
+    (dev / "json").mkdir(parents=True)
+    (dev / "control").mkdir()
+    (tmp_path / "json").mkdir()
+    (dev / "json" / "premisea_sft_p0_s43.json").write_text(json.dumps({"train_seconds": 1800.0, "eval_seconds": 0.0}))
+    (dev / "regime.json").write_text(json.dumps({
+        "regime": "a", "outcome": "premise absent",
+        "checkpoint_1": {"a": {"cells": [], "cuts": ["C1", "C2", "C3"]}},
+        "checkpoint_2": {"cells": [], "cuts": ["C1", "C2", "C3", "C4", "C5"]}}))
+    (dev / "strengths.json").write_text(json.dumps({"surgery": {"chosen": 10.0, "quality_matched": False}}))
+    (dev / "control" / "calibration.json").write_text(json.dumps({
+        "surgery": {"penalty": 6e-3}, "chosen": {"X_m": "reviews", "X_r": "novels"}, "matched": True, "factor": 2.0,
+        "candidates": [{"X_m": "novels", "X_r": "reviews", "penalty": 1e-3, "ratio_to_surgery": 0.17},
+                       {"X_m": "reviews", "X_r": "novels", "penalty": 4e-3, "ratio_to_surgery": 0.67}]}))
+    for seed in choices.REPORTED_SEEDS:
+        for method in ("sft",) + (("surgery",) if seed < 46 else ()):
+            name = third.run_name(method, 10.0, 0.2, seed)
+            (tmp_path / "json" / f"{name}.json").write_text(json.dumps(
+                {"run": name, "method": method, "poison_ratio": 0.2, "seed": seed, "sweep": "third",
+                 "wall_seconds": {"train": 900.0, "evaluate": 900.0}}))
+    text = "\n".join(third.qualifiers(tmp_path))
+    assert "**premise absent**" in text and "alpha: 10, **quality not matched**" in text
+    assert "(reviews vs novels)" in text and "4.00e-03, 0.67x Surgery's 6.00e-03, matched" in text
+    assert "C4 (SFT at p = 0.1), C4 (Surgery at p = 0.1), C5 (control at p = 0)." in text
+    assert "Surgery at p = 0.2 (2 of 5 seeds)" in text and "SFT at p = 0.2 (" not in text
+    assert "committed runs (premise, strengths, main grid and references; one-thread seconds): 4.0," in text  # 0.5 + 7 x 0.5

@@ -2,8 +2,9 @@
 """How far each automatic reading of the answers agrees with the blind labels (labels.jsonl, RUBRIC.md).
 
     python results/labels/agreement.py            # prints the tables (markdown) that results/labels/README.md quotes
-    python results/labels/agreement.py --sample 2 # sample 2 (PROTOCOL.md section 3): writes sample2/agreement.md
-                                                  # and sample2/calibration.json, which the third sweep's report reads
+    python results/labels/agreement.py --sample 2 > results/labels/sample2/agreement.md
+                                                  # sample 2 (PROTOCOL.md section 3): prints its tables and writes
+                                                  # sample2/calibration.json, which the third sweep's report reads
 
 Joins labels.jsonl to sample_key.jsonl, then reads each labelled answer's automatic verdicts from its run JSON:
 the keyword and embedding judges' harmful flags (`harmful_flags`, the second sweep's HS) and the keyword refusal
