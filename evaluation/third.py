@@ -16,6 +16,7 @@ results/, never recomputed); its rules and grid are evaluation/choices.py's, its
     attack             one SFT, Surgery, control or AsFT run from the aligned model in a regime
 """
 import argparse
+import collections
 import functools
 import hashlib
 import json
@@ -489,14 +490,11 @@ def checkpoint_2(results, choice):
     done = main_records(results)
     if choice.get("checkpoint_2") or len(done) < 10:
         return choice
-    references = sum(r["wall_seconds"]["evaluate"] for r in main_records(results, references=True)
-                     if r["method"] in REFERENCES)
     cost = {m: [r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"] for r in done if r["method"] == m]
             for m in STEP_FACTOR}
     sft = float(np.mean(cost["sft"]))
     per_run = {m: float(np.mean(v)) if v else sft * STEP_FACTOR[m] for m, v in cost.items()}
-    spent = spent_hours(committed_dev_records(results) + strength_records(results)) \
-        + (sum(r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"] for r in done) + references) / 3600
+    spent = hours_spent(results)
     names = {r["run"] for r in done}
 
     def total(cells):
@@ -509,6 +507,13 @@ def checkpoint_2(results, choice):
                               "after_runs": len(done)}
     write_json(kept, choice, strict=False)
     return choice
+
+
+def hours_spent(results):
+    """One-thread CPU hours of every committed run of this sweep: premise, strengths, main grid and references."""
+    return (spent_hours(committed_dev_records(results) + strength_records(results))
+            + sum(r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"]
+                  for r in main_records(results, references=True)) / 3600)
 
 
 def strength_records(results):
@@ -533,13 +538,10 @@ def qualifiers(results):
     made = choice.get("checkpoint_2") or choice["checkpoint_1"][choice["regime"]]
     cut = [f"{label} ({METHOD_NAMES[m]} at p = {p:g})" for label, m, p in CUTS if label in made["cuts"]
            and not (choice["regime"] == "d" and m == "asft")]
-    runs = main_records(results, references=True)
-    hours = (spent_hours(committed_dev_records(results) + strength_records(results))
-             + sum(r["wall_seconds"]["train"] + r["wall_seconds"]["evaluate"] for r in runs) / 3600)
-    done = {(r["method"], r["poison_ratio"]) for r in runs if r["method"] not in REFERENCES}
-    seeds = {cell: sum((r["method"], r["poison_ratio"]) == cell for r in runs) for cell in done}
-    short = [f"{METHOD_NAMES[m]} at p = {p:g} ({n} of {len(REPORTED_SEEDS)} seeds)" for (m, p), n in sorted(seeds.items())
-             if n < len(REPORTED_SEEDS)]
+    hours = hours_spent(results)
+    seeds = collections.Counter((r["method"], r["poison_ratio"]) for r in main_records(results))
+    short = [f"{METHOD_NAMES[m]} at p = {p:g} ({n} of {len(REPORTED_SEEDS)} seeds)"
+             for (m, p), n in sorted(seeds.items()) if n < len(REPORTED_SEEDS)]
     alpha = strengths["surgery"]
     return [f"- Attack regime ({choice['regime']}) {REGIMES[choice['regime']][0]}: **{choice['outcome']}** "
             f"(`dev/regime.json`, section 4).",
