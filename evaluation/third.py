@@ -326,11 +326,22 @@ def strength_plan(choice):
     """(method, strength, seed) of every strength run at p = 0.2 in the chosen regime; AsFT's lambda sweep only where
     checkpoint 1 kept it (not under (d), not after cut C3)."""
     plan = [("surgery", a, s) for s in CHOICE_SEEDS for a in ALPHAS]
-    return plan + ([("asft", l, s) for s in CHOICE_SEEDS for l in LAMBDAS] if lambda_swept(choice) else [])
+    return plan + (lambda_plan() if lambda_swept(choice) else [])
+
+
+def lambda_plan():
+    return [("asft", l, s) for s in CHOICE_SEEDS for l in LAMBDAS]
 
 
 def lambda_swept(choice):
     return choice["checkpoint_1"][choice["regime"]]["lambda_sweep"]
+
+
+def lambda_outside_budget(choice, rows):
+    """Amendment 8: the lambda sweep that cut C3 removed, run after the verdict outside the budget; it enters the
+    strength choice and its figure once all its runs are committed, and no main run follows from it."""
+    runs = {(r["strength"], r["seed"]) for r in rows if r["method"] == "asft"}
+    return not lambda_swept(choice) and choice["regime"] != "d" and runs >= {(l, s) for _, l, s in lambda_plan()}
 
 
 def run_name(method, strength, p, seed):
@@ -385,8 +396,9 @@ def choose_strengths(results, choice):
                      if r["regime"] == regime and r["poison_ratio"] == max(RATIOS)])
     out = {"regime": regime, "sft": sft, "rule": f"PROTOCOL.md section 5: the largest strength with development "
            f"helpful >= SFT's - {QUALITY_MARGIN:g} and broken (harmful, benign) <= SFT's + {QUALITY_MARGIN:g}"}
+    late = lambda_outside_budget(choice, rows)
     for method, grid in (("surgery", ALPHAS), ("asft", LAMBDAS)):
-        if method == "asft" and not lambda_swept(choice):
+        if method == "asft" and not (lambda_swept(choice) or late):
             continue
         points = {}
         for strength in grid:
@@ -398,6 +410,8 @@ def choose_strengths(results, choice):
         chosen, matched = choose_strength(points, sft)
         out[method] = {"points": {f"{k:g}": v for k, v in points.items()}, "chosen": chosen,
                        "quality_matched": matched}
+        if method == "asft" and late:
+            out[method]["outside_budget"] = "PROTOCOL.md amendment 8: run after the verdict; no main run uses it"
     write_json(Path(results) / "dev" / "strengths.json", out, strict=False)
     plot_strengths(out, Path(results) / "dev" / "strengths.png")
     return out
@@ -547,6 +561,10 @@ def qualifiers(results):
             f"(`dev/regime.json`, section 4).",
             f"- Surgery's alpha: {alpha['chosen']:g}, " + ("quality matched" if alpha.get("quality_matched")
                                                            else "**quality not matched**") + " (`dev/strengths.json`, section 5).",
+            *([f"- AsFT's lambda, development sets only (swept after the verdict, outside the budget; no main run "
+               f"uses it; amendment 8): {strengths['asft']['chosen']:g}, "
+               + ("quality matched" if strengths["asft"]["quality_matched"] else "**quality not matched**") + "."]
+              if "outside_budget" in strengths.get("asft", {}) else []),
             f"- The control ({chosen['X_m']} vs {chosen['X_r']}): its penalty on the untrained aligned model is "
             f"{chosen['penalty']:.2e}, {chosen['ratio_to_surgery']:.2f}x Surgery's {control['surgery']['penalty']:.2e}, "
             + (f"matched (within a factor of {control['factor']:g})" if control.get("matched") else
@@ -616,10 +634,11 @@ def main(argv=None):
     p = ArgumentParser(prog="python -m evaluation.third",
                                 description="The third sweep of results/PROTOCOL.md, stage by stage; every finished "
                                             "run is a JSON under --results-dir and is never recomputed.")
-    p.add_argument("stage", choices=("control", "premise", "strengths", "main", "release", "report"),
+    p.add_argument("stage", choices=("control", "premise", "strengths", "lambdas", "main", "release", "report"),
                    help="control: the harm-blind control's reference sets, calibrated on the aligned model (section "
                         "6); premise: SFT in the four attack regimes on the development sets (section 4); strengths: "
-                        "the regime chosen, then Surgery's alpha and AsFT's lambda swept (section 5); main: the main "
+                        "the regime chosen, then Surgery's alpha and AsFT's lambda swept (section 5); lambdas: AsFT's "
+                        "lambda sweep alone, where cut C3 removed it (amendment 8); main: the main "
                         "grid on the held-out sets (section 7); release: the adapters at p = 0.2, seed 44, checked "
                         "(section 10); report: the tables from the committed JSONs alone")
     p.add_argument("--shard", default="0/1", help="K/N: this process runs every N-th run starting at K (default 0/1)")
@@ -650,6 +669,14 @@ def main(argv=None):
             chosen = Path(args.results_dir) / "dev" / "regime.json"  # made once: checkpoint 2 is added to it later
             choice = read_json(chosen) if chosen.exists() else choose_regime(args.results_dir)
             for method, strength, seed in strength_plan(choice)[shard::shards]:
+                strength_run(ctx, choice["regime"], method, strength, seed)
+            choose_strengths(args.results_dir, choice)
+        if args.stage == "lambdas":
+            ctx = context(args.results_dir)
+            choice = read_json(Path(args.results_dir) / "dev" / "regime.json")
+            if choice["regime"] == "d":
+                raise UserError("AsFT is defined on LoRA adapters; regime (d) trains the full model")
+            for method, strength, seed in lambda_plan()[shard::shards]:
                 strength_run(ctx, choice["regime"], method, strength, seed)
             choose_strengths(args.results_dir, choice)
         if args.stage == "main":

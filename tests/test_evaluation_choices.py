@@ -1,5 +1,7 @@
 """evaluation/choices.py: the premise fit against a least-squares oracle, the premise rule, the quality-matched
 strength rule and the budget's cuts."""
+import json
+
 import numpy as np
 import pytest
 
@@ -106,3 +108,35 @@ def test_a_cut_drops_all_its_cells_and_c3_drops_the_lambda_sweep():
     assert len(third.strength_plan(kept)) == 20
     kept["checkpoint_1"]["a"]["lambda_sweep"] = False
     assert {m for m, _, _ in third.strength_plan(kept)} == {"surgery"} and len(third.strength_plan(kept)) == 10
+
+
+def test_lambda_sweep_after_cut_c3_enters_the_choice_only_when_complete(tmp_path):
+    """Amendment 8: AsFT's lambda sweep run after cut C3 joins strengths.json (flagged outside the budget) once all
+    of its 10 runs are committed; a partial sweep chooses nothing and Surgery's choice is unchanged."""
+    dev = tmp_path / "dev"
+    (dev / "json").mkdir(parents=True)
+    choice = {"regime": "a", "checkpoint_1": {"a": {"lambda_sweep": False}}}
+
+    def record(name, method, strength, seed, helpful, hs, stage="strength"):
+        shares = {"dev_harmful": {"harmful": hs, "refusal": 40.0, "broken": 2.0}, "dev_benign": {"helpful": helpful, "broken": 1.0}}
+        (dev / "json" / f"{name}.json").write_text(json.dumps(
+            {"run": name, "stage": stage, "regime": "a", "method": method, "strength": strength, "poison_ratio": 0.2,
+             "seed": seed, **shares}))
+
+    for seed in choices.CHOICE_SEEDS:
+        record(f"premisea_sft_p0.2_s{seed}", "sft", 0.0, seed, 60.0, 50.0, stage="premise")
+        for a in choices.ALPHAS:
+            record(f"strengtha_surgery_a{a:g}_p0.2_s{seed}", "surgery", a, seed, 60.0 - a / 10, 40.0)
+    lambdas = [(l, s) for _, l, s in third.lambda_plan()]
+    assert len(lambdas) == 10 and {m for m, _, _ in third.lambda_plan()} == {"asft"}
+    for l, s in lambdas[:-1]:  # lambda 10 helpful 50: 10 points below SFT, so 3 is the largest matched
+        record(f"strengtha_asft_l{l:g}_p0.2_s{s}", "asft", l, s, 60.0 - l, 45.0)
+    out = third.choose_strengths(tmp_path, choice)
+    assert "asft" not in out and out["surgery"]["chosen"] == 30.0
+    record(f"strengtha_asft_l{lambdas[-1][0]:g}_p0.2_s{lambdas[-1][1]}", "asft", *lambdas[-1], 50.0, 45.0)
+    out = third.choose_strengths(tmp_path, choice)
+    assert out["asft"]["chosen"] == 3.0 and out["asft"]["quality_matched"] and "outside_budget" in out["asft"]
+    assert out["surgery"]["chosen"] == 30.0 and (dev / "strengths.png").exists()
+    choice["regime"] = "d"  # AsFT is not defined under (d): no late sweep either
+    assert not third.lambda_outside_budget(choice | {"checkpoint_1": {"d": {"lambda_sweep": False}}},
+                                           [{"method": "asft", "strength": l, "seed": s} for l, s in lambdas])
