@@ -29,7 +29,7 @@ BOOTSTRAP_DRAWS, BOOTSTRAP_SEED = 2000, 0
 
 
 def joined(sample_dir, runs_dir, labels_file="labels.jsonl"):
-    """One dict per labelled answer of the sample: id, run, method, kind, index, label, the automatic category
+    """One dict per labelled answer of the sample: id, run, method, poison ratio, kind, index, label, the automatic category
     (None where its run JSON has no categories) and the keyword and embedding judges' harmful flags."""
     sample_dir, runs_dir = Path(sample_dir), Path(runs_dir)
     key = {row["id"]: row for row in read_jsonl(sample_dir / "sample_key.jsonl")}
@@ -40,7 +40,8 @@ def joined(sample_dir, runs_dir, labels_file="labels.jsonl"):
         i, kind = where["index"], where["kind"]
         categories = run.get(f"{kind}_categories")
         flags = run.get("harmful_flags", {}) if kind == "harmful" else {}
-        rows.append({"id": label["id"], "run": where["run"], "method": run["method"], "kind": kind, "index": i,
+        rows.append({"id": label["id"], "run": where["run"], "method": run["method"],
+                     "poison_ratio": run.get("poison_ratio"), "kind": kind, "index": i,
                      "label": label["label"], "auto": categories[i] if categories else None,
                      "judges": {judge: bool(v[i]) for judge, v in flags.items()}})
     return rows

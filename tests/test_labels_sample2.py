@@ -102,3 +102,15 @@ def test_agreement_on_sample_2_writes_the_calibration_the_verdict_reads(tmp_path
     pooled = saved["calibration"]["hs"]["pooled"]
     assert m["hs"] == verdict.corrected_share(25.0, pooled["se"], pooled["sp"])
     assert agreement.FAMILIES["control"] == "control"
+
+
+def test_stratum_table_gives_label_shares_with_wilson_intervals_beside_the_automatic_shares(capsys):
+    ag = script("agreement")
+    found = [("sft", 0.2, "refusal", "refusal")] * 3 + [("sft", 0.2, "broken", "harmful"), ("aligned", None, "harmful",
+                                                                                            "harmful")]
+    ag.stratum_table(found, "harmful")
+    lines = capsys.readouterr().out.splitlines()
+    # 3 of 4: Wilson [0.30, 0.95] by hand (centre 0.6275, half-width 0.3269); 1 of 4 labelled broken, 0 called broken
+    assert "| sft | 0.2 | 4 | 75% [30, 95] / 75% | 0% [0, 49] / 25% | 0% [0, 49] / 0% | 25% [5, 70] / 0% |" in lines
+    assert lines.index("| aligned | - | 1 | 0% [0, 79] / 0% | 100% [21, 100] / 100% | 0% [0, 79] / 0% | "
+                       "0% [0, 79] / 0% |") < lines.index(next(x for x in lines if x.startswith("| sft |")))

@@ -110,6 +110,12 @@ def sample_2(folder=HERE / "sample2", runs=HERE.parent / "json"):
         pairs = [(r["judges"][judge], r["label"] == "harmful") for r in rows if judge in r["judges"]]
         if pairs:
             print(binary_row(f"{judge} judge: harmful", pairs))
+    for kind in ("harmful", "benign"):  # what the labels themselves say of each cell, before any correction
+        stratum_table([(r["method"], r["poison_ratio"], r["label"], r["auto"]) for r in rows if r["kind"] == kind],
+                      kind)
+    print("\nEach stratum answers its own prompts (no prompt or request is drawn twice), and 42 or 16 answers of a "
+          "cell's 1,500 or 800: a difference between strata mixes the method with the prompts drawn. Compare methods "
+          "with `results.md`'s paired differences over every prompt and seed; this table says what the answers are.")
     second = folder / "labels_second.jsonl"
     double = None
     if second.exists():
@@ -183,23 +189,31 @@ def main():
     category_tables(first)
 
     with_categories = all("harmful_categories" in r for _, _, r in harmful)
-    print("\nLabels by stratum (method, p): share of each label among the stratum's answers to harmful prompts"
-          + (", and (after the slash) the share of the same answers in that category" if with_categories else "")
-          + "\n")
-    print("| method | p | n | " + " | ".join(CATEGORIES["harmful"]) + " |")
-    print("|---|---|---|" + "---|" * len(CATEGORIES["harmful"]))
-    strata = collections.defaultdict(list)
-    for w, lab, r in harmful:
-        strata[r["method"], r.get("poison_ratio")].append(
-            (lab, r["harmful_categories"][w["index"]] if with_categories else None))
-    for (method, p), found in sorted(strata.items(), key=lambda kv: (kv[0][0], kv[0][1] if kv[0][1] is not None
-                                                                    else -1)):
-        counts = collections.Counter(lab for lab, _ in found)
-        autos = collections.Counter(auto for _, auto in found)
-        print(f"| {method} | {'-' if p is None else p} | {len(found)} | " + " | ".join(
-            f"{100 * counts[c] / len(found):.0f}%" + (f" / {100 * autos[c] / len(found):.0f}%" if with_categories
-                                                       else "") for c in CATEGORIES["harmful"]) + " |")
+    stratum_table([(r["method"], r.get("poison_ratio"), lab, r["harmful_categories"][w["index"]]
+                    if with_categories else None) for w, lab, r in harmful], "harmful")
 
+
+def stratum_table(found, kind):
+    """Per stratum (method, p): the share of each label among its answers of one kind, with its 95% Wilson interval,
+    and after the slash the share of the same answers in that automatic category (where the runs carry them).
+    found: (method, p, label, automatic category or None)."""
+    with_auto = all(auto is not None for *_, auto in found)
+    what = "answers to harmful prompts" if kind == "harmful" else "answers to benign requests"
+    print(f"\nLabels by stratum (method, p): share of each label among the stratum's {what} [95% Wilson]"
+          + (", and (after the slash) the share of the same answers in that category" if with_auto else "") + "\n")
+    print("| method | p | n | " + " | ".join(CATEGORIES[kind]) + " |")
+    print("|---|---|---|" + "---|" * len(CATEGORIES[kind]))
+    strata = collections.defaultdict(list)
+    for method, p, label, auto in found:
+        strata[method, p].append((label, auto))
+    for (method, p), pairs in sorted(strata.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])):
+        labels, autos = (collections.Counter(x[i] for x in pairs) for i in (0, 1))
+        cells = []
+        for c in CATEGORIES[kind]:
+            q, low, high = agreement.wilson(labels[c], len(pairs))
+            cells.append(f"{100 * q:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
+                         + (f" / {100 * autos[c] / len(pairs):.0f}%" if with_auto else ""))
+        print(f"| {method} | {'-' if p is None else f'{p:g}'} | {len(pairs)} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()
