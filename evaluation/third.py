@@ -672,10 +672,13 @@ def main(argv=None):
                 strength_run(ctx, choice["regime"], method, strength, seed)
             choose_strengths(args.results_dir, choice)
         if args.stage == "lambdas":
-            ctx = context(args.results_dir)
-            choice = read_json(Path(args.results_dir) / "dev" / "regime.json")
+            chosen = Path(args.results_dir) / "dev" / "regime.json"
+            if not chosen.exists():
+                raise UserError(f"{chosen} is missing: the regime is chosen by `python -m evaluation.third strengths`")
+            choice = read_json(chosen)
             if choice["regime"] == "d":
                 raise UserError("AsFT is defined on LoRA adapters; regime (d) trains the full model")
+            ctx = context(args.results_dir)
             for method, strength, seed in lambda_plan()[shard::shards]:
                 strength_run(ctx, choice["regime"], method, strength, seed)
             choose_strengths(args.results_dir, choice)

@@ -154,3 +154,14 @@ def test_qualifiers_name_the_regime_strength_control_cuts_short_cells_and_hours(
     assert "C4 (SFT at p = 0.1), C4 (Surgery at p = 0.1), C5 (control at p = 0)." in text
     assert "Surgery at p = 0.2 (2 of 5 seeds)" in text and "SFT at p = 0.2 (" not in text
     assert "committed runs (premise, strengths, main grid and references; one-thread seconds): 4.0," in text  # 0.5 + 7 x 0.5
+
+
+def test_lambdas_stage_refuses_before_the_regime_is_chosen_and_under_full_fine_tuning(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        third.main(["lambdas", "--results-dir", str(tmp_path)])
+    assert e.value.code == 2 and "regime.json is missing" in capsys.readouterr().err
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "regime.json").write_text(json.dumps({"regime": "d", "checkpoint_1": {"d": {}}}))
+    with pytest.raises(SystemExit) as e:
+        third.main(["lambdas", "--results-dir", str(tmp_path)])
+    assert e.value.code == 2 and "AsFT is defined on LoRA adapters" in capsys.readouterr().err
