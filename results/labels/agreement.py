@@ -113,9 +113,9 @@ def sample_2(folder=HERE / "sample2", runs=HERE.parent / "json"):
     for kind in ("harmful", "benign"):  # what the labels themselves say of each cell, before any correction
         stratum_table([(r["method"], r["poison_ratio"], r["label"], r["auto"]) for r in rows if r["kind"] == kind],
                       kind)
-    print("\nEach stratum answers its own prompts (no prompt or request is drawn twice), and 42 or 16 answers of a "
-          "cell's 1,500 or 800: a difference between strata mixes the method with the prompts drawn. Compare methods "
-          "with `results.md`'s paired differences over every prompt and seed; this table says what the answers are.")
+    print("\nEach stratum answers its own prompts (no prompt or request is drawn twice), n of its cell's answers: a "
+          "difference between strata mixes the method with the prompts drawn. Compare methods with `results.md`'s "
+          "paired differences over every prompt and seed; this table says what the answers are.")
     second = folder / "labels_second.jsonl"
     double = None
     if second.exists():
@@ -214,6 +214,7 @@ def stratum_table(found, kind):
             cells.append(f"{100 * q:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
                          + (f" / {100 * autos[c] / len(pairs):.0f}%" if with_auto else ""))
         print(f"| {method} | {'-' if p is None else f'{p:g}'} | {len(pairs)} | " + " | ".join(cells) + " |")
+
 
 if __name__ == "__main__":
     main()
